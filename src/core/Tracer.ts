@@ -1,0 +1,598 @@
+/**
+ * The builder: runs a user's trace callback once, against envoys (stand-ins
+ * for the model's modules) and proxies (stand-ins for tensors), and records
+ * the intervention graph. Nothing executes here.
+ *
+ * @example
+ * import * as Tracer from "./Tracer.js"
+ * const { graph } = Tracer.record(tree, (m, t) => ({ h: m.model.layers[1].output }), 1)
+ *
+ * @since 0.1.0
+ */
+import * as Errors from "./Errors.js"
+import type * as Graph from "./Graph.js"
+import * as Index from "./Index.js"
+import * as Literal from "./Literal.js"
+import type * as Ops from "./Ops.js"
+import * as Site from "./Site.js"
+import { Tensor, type Input as TensorInput } from "./Tensor.js"
+import type * as DType from "./DType.js"
+
+/**
+ * What the builder needs to know of a module (a `ModuleTree.Module` fits).
+ *
+ * @since 0.1.0
+ */
+export interface ModuleInfo {
+  readonly path: string
+  readonly name: string
+  readonly children: ReadonlyArray<ModuleInfo>
+  readonly calls: ReadonlyArray<{ readonly inputs: ReadonlyArray<string>; readonly outputs: ReadonlyArray<string> }>
+  readonly parameters: ReadonlyArray<{ readonly name: string }>
+}
+
+type NodeBody = Graph.Node extends infer N ? (N extends Graph.Node ? Omit<N, "id" | "site"> : never) : never
+
+/**
+ * A value an operation accepts: a proxy, a JavaScript number or boolean, a
+ * `Tensor`, or nested arrays of numbers.
+ *
+ * @since 0.1.0
+ */
+export type Operand = TensorProxy | number | boolean | Tensor | ReadonlyArray<unknown>
+
+/**
+ * The recording state of one trace.
+ *
+ * @since 0.1.0
+ */
+export class Recorder {
+  readonly nodes: Array<Graph.Node> = []
+  invoke = 0
+  invokes = 0
+  private readonly iteration = new Map<string, number>()
+  constructor(readonly root: ModuleInfo) {}
+
+  push(body: NodeBody, site: string = Site.here()): number {
+    const id = this.nodes.length
+    this.nodes.push({ ...body, id, site } as Graph.Node)
+    return id
+  }
+
+  /** Which call of a module the next `.input`/`.output` reads (advanced by `.next()`). */
+  callOf(path: string): number {
+    return this.iteration.get(path) ?? 0
+  }
+
+  advance(path: string): void {
+    this.iteration.set(path, this.callOf(path) + 1)
+  }
+
+  operand(value: Operand, site: string): number {
+    if (value instanceof TensorProxy) {
+      if (value.recorder !== this) {
+        throw new Errors.InvalidValue({ site, reason: "a proxy from another trace was used; return it as a result and pass the Tensor instead" })
+      }
+      return value.id
+    }
+    if (typeof value === "number" || typeof value === "boolean") return this.push({ _tag: "Scalar", value }, site)
+    const tensor = value instanceof Tensor ? value : Tensor.from(value as TensorInput)
+    return this.push({ _tag: "Constant", value: Literal.fromTensor(tensor) }, site)
+  }
+
+  op(op: Ops.OpName, args: ReadonlyArray<Operand>, attrs: Record<string, unknown> = {}): TensorProxy {
+    const site = Site.here()
+    const ids = args.map((a) => this.operand(a, site))
+    return new TensorProxy(this, this.push({ _tag: "Op", op, args: ids, attrs: attrs as any }, site))
+  }
+}
+
+/**
+ * A tensor that will exist when the trace runs. Methods record operations and
+ * return new proxies; returned from the trace callback, a proxy comes back as
+ * a `Tensor`.
+ *
+ * @example
+ * const logits = m.lm_head.output
+ * const probs = logits.at(":", -1).softmax(-1)
+ *
+ * @since 0.1.0
+ */
+export class TensorProxy {
+  constructor(
+    readonly recorder: Recorder,
+    readonly id: number
+  ) {}
+
+  /** `this + other`, broadcasting. */
+  add(other: Operand): TensorProxy {
+    return this.recorder.op("Add", [this, other])
+  }
+  /** `this - other`, broadcasting. */
+  sub(other: Operand): TensorProxy {
+    return this.recorder.op("Sub", [this, other])
+  }
+  /** `this * other`, broadcasting. */
+  mul(other: Operand): TensorProxy {
+    return this.recorder.op("Mul", [this, other])
+  }
+  /** `this / other`, broadcasting. */
+  div(other: Operand): TensorProxy {
+    return this.recorder.op("Div", [this, other])
+  }
+  /** `this ** other`, broadcasting. */
+  pow(other: Operand): TensorProxy {
+    return this.recorder.op("Pow", [this, other])
+  }
+  /** `-this`. */
+  neg(): TensorProxy {
+    return this.recorder.op("Neg", [this])
+  }
+  abs(): TensorProxy {
+    return this.recorder.op("Abs", [this])
+  }
+  exp(): TensorProxy {
+    return this.recorder.op("Exp", [this])
+  }
+  log(): TensorProxy {
+    return this.recorder.op("Log", [this])
+  }
+  sqrt(): TensorProxy {
+    return this.recorder.op("Sqrt", [this])
+  }
+  tanh(): TensorProxy {
+    return this.recorder.op("Tanh", [this])
+  }
+  sigmoid(): TensorProxy {
+    return this.recorder.op("Sigmoid", [this])
+  }
+  relu(): TensorProxy {
+    return this.recorder.op("Relu", [this])
+  }
+  /** Matrix product with NumPy's `matmul` broadcasting. */
+  matmul(other: Operand): TensorProxy {
+    return this.recorder.op("MatMul", [this, other])
+  }
+  /** Softmax along `axis` (default last). */
+  softmax(axis = -1): TensorProxy {
+    return this.recorder.op("Softmax", [this], { axis })
+  }
+  /** Log-softmax along `axis` (default last). */
+  logSoftmax(axis = -1): TensorProxy {
+    return this.recorder.op("LogSoftmax", [this], { axis })
+  }
+  /** Index of the largest element along `axis` (default: over all elements, flattened). */
+  argmax(axis?: number, keepdims = false): TensorProxy {
+    if (axis === undefined) return this.reshape(-1).argmax(0, keepdims)
+    return this.recorder.op("ArgMax", [this], { axis, keepdims })
+  }
+  /** The `k` largest elements along `axis` (default last) and their indices. */
+  topk(k: number, axis = -1, largest = true): { readonly values: TensorProxy; readonly indices: TensorProxy } {
+    const both = this.recorder.op("TopK", [this], { k, axis, largest })
+    return {
+      values: this.recorder.op("Select", [both], { index: 0 }),
+      indices: this.recorder.op("Select", [both], { index: 1 })
+    }
+  }
+  /** Sum over `axes` (default all). */
+  sum(axes?: number | ReadonlyArray<number>, keepdims = false): TensorProxy {
+    return this.recorder.op("ReduceSum", [this], reduction(axes, keepdims))
+  }
+  /** Mean over `axes` (default all). */
+  mean(axes?: number | ReadonlyArray<number>, keepdims = false): TensorProxy {
+    return this.recorder.op("ReduceMean", [this], reduction(axes, keepdims))
+  }
+  /** Maximum over `axes` (default all). */
+  max(axes?: number | ReadonlyArray<number>, keepdims = false): TensorProxy {
+    return this.recorder.op("ReduceMax", [this], reduction(axes, keepdims))
+  }
+  /** Euclidean norm over `axes` (default all). */
+  norm(axes?: number | ReadonlyArray<number>, keepdims = false): TensorProxy {
+    return this.recorder.op("ReduceL2", [this], reduction(axes, keepdims))
+  }
+  /** A copy (values are immutable; this is an identity node). */
+  clone(): TensorProxy {
+    return this.recorder.op("Identity", [this])
+  }
+  /** Concatenation with `others` along `axis`. */
+  cat(others: ReadonlyArray<Operand>, axis = 0): TensorProxy {
+    return this.recorder.op("Concat", [this, ...others], { axis })
+  }
+  eq(other: Operand): TensorProxy {
+    return this.recorder.op("Equal", [this, other])
+  }
+  ne(other: Operand): TensorProxy {
+    return this.recorder.op("Not", [this.recorder.op("Equal", [this, other])])
+  }
+  lt(other: Operand): TensorProxy {
+    return this.recorder.op("Less", [this, other])
+  }
+  le(other: Operand): TensorProxy {
+    return this.recorder.op("LessOrEqual", [this, other])
+  }
+  gt(other: Operand): TensorProxy {
+    return this.recorder.op("Greater", [this, other])
+  }
+  ge(other: Operand): TensorProxy {
+    return this.recorder.op("GreaterOrEqual", [this, other])
+  }
+  not(): TensorProxy {
+    return this.recorder.op("Not", [this])
+  }
+  and(other: Operand): TensorProxy {
+    return this.recorder.op("And", [this, other])
+  }
+  or(other: Operand): TensorProxy {
+    return this.recorder.op("Or", [this, other])
+  }
+  /** Elementwise `cond ? this : other` (`cond` a bool tensor). */
+  where(cond: Operand, other: Operand): TensorProxy {
+    return this.recorder.op("Where", [cond, this, other])
+  }
+  /** Conversion to another dtype. */
+  to(dtype: DType.DType): TensorProxy {
+    return this.recorder.op("Cast", [this], { to: dtype })
+  }
+  /** A view with another shape (one dimension may be -1). */
+  reshape(...shape: ReadonlyArray<number>): TensorProxy {
+    return this.recorder.op("Reshape", [this], { shape: [...shape] })
+  }
+  /** Swaps two dimensions (PyTorch's `transpose(d0, d1)`), or permutes them all with `permute`. */
+  transpose(dim0 = -2, dim1 = -1): TensorProxy {
+    return this.recorder.op("Transpose", [this], { swap: [dim0, dim1] })
+  }
+  /** Reorders dimensions. */
+  permute(...perm: ReadonlyArray<number>): TensorProxy {
+    return this.recorder.op("Transpose", [this], { perm: [...perm] })
+  }
+  unsqueeze(axis: number): TensorProxy {
+    return this.recorder.op("Unsqueeze", [this], { axes: [axis] })
+  }
+  squeeze(axis?: number): TensorProxy {
+    return this.recorder.op("Squeeze", [this], axis === undefined ? {} : { axes: [axis] })
+  }
+  /** Broadcasts to a shape. */
+  expand(...shape: ReadonlyArray<number>): TensorProxy {
+    return this.recorder.op("Expand", [this], { shape: [...shape] })
+  }
+  /**
+   * Python-style indexing: `x.at(":", -1)` is `x[:, -1]`; strings are slices
+   * (`"1:3"`, `"::2"`, `"..."`), numbers pick (negative from the end), `null`
+   * adds an axis.
+   */
+  at(...items: ReadonlyArray<Index.Item>): TensorProxy {
+    Index.parse(items) // fail at the user's line on a malformed index
+    return this.recorder.op("Index", [this], { items: encodeItems(items) })
+  }
+  /** The shape, as an int64 tensor. */
+  get shape(): TensorProxy {
+    return this.recorder.op("Shape", [this])
+  }
+}
+
+const reduction = (axes: number | ReadonlyArray<number> | undefined, keepdims: boolean) =>
+  axes === undefined ? { keepdims } : { axes: typeof axes === "number" ? [axes] : [...axes], keepdims }
+
+const encodeItems = (items: ReadonlyArray<Index.Item>): ReadonlyArray<unknown> =>
+  items.map((i) => (i !== null && typeof i === "object" ? { slice: [i.start ?? null, i.stop ?? null, i.step ?? null] } : i))
+
+/**
+ * Decodes index items from their JSON attribute form.
+ *
+ * @since 0.1.0
+ */
+export const decodeItems = (u: unknown): ReadonlyArray<Index.Item> =>
+  (u as ReadonlyArray<unknown>).map((i) => {
+    if (i !== null && typeof i === "object" && "slice" in i) {
+      const [start, stop, step] = (i as { slice: [number | null, number | null, number | null] }).slice
+      return { start: start ?? undefined, stop: stop ?? undefined, step: step ?? undefined }
+    }
+    return i as Index.Item
+  })
+
+/**
+ * A module's input or output tensor. Besides tensor operations, it can be
+ * replaced: `set(v)`, `setAt(index, v)`, `update(fn)`.
+ *
+ * @example
+ * m.model.layers[0].mlp.output.set(0)
+ * m.model.layers[1].output.setAt([":", -1], src)
+ *
+ * @since 0.1.0
+ */
+export class HookProxy extends TensorProxy {
+  constructor(
+    recorder: Recorder,
+    id: number,
+    readonly ref: Graph.HookRef,
+    readonly size: number
+  ) {
+    super(recorder, id)
+  }
+
+  /** Replaces this tensor for the rest of the forward pass. */
+  set(value: Operand): void {
+    const site = Site.here()
+    const v = this.recorder.operand(value, site)
+    this.recorder.push({ _tag: "Set", ref: this.ref, value: v }, site)
+  }
+
+  /** Replaces the part `items` selects (`x[items] = value` in Python). */
+  setAt(items: ReadonlyArray<Index.Item>, value: Operand): void {
+    Index.parse(items)
+    this.set(this.recorder.op("SetIndex", [this, value], { items: encodeItems(items) }))
+  }
+
+  /** Replaces this tensor by `fn(this)`. */
+  update(fn: (x: TensorProxy) => Operand): void {
+    this.set(fn(this))
+  }
+
+  /**
+   * On a module with several outputs (or inputs), one integer picks one of
+   * them, like `output[0]` on a PyTorch tuple; otherwise this indexes the
+   * (first) tensor.
+   */
+  override at(...items: ReadonlyArray<Index.Item>): TensorProxy {
+    if (this.size > 1 && items.length === 1 && typeof items[0] === "number") {
+      const k = items[0] < 0 ? this.size + items[0] : items[0]
+      if (k < 0 || k >= this.size) {
+        throw new Errors.ModuleIndexOutOfRange({
+          path: this.ref.module,
+          what: this.ref.point,
+          index: items[0],
+          size: this.size,
+          site: Site.here()
+        })
+      }
+      return hook(this.recorder, { ...this.ref, index: k }, this.size)
+    }
+    return super.at(...items)
+  }
+}
+
+const hook = (recorder: Recorder, ref: Graph.HookRef, size: number): HookProxy =>
+  new HookProxy(recorder, recorder.push({ _tag: "Hook", ref }), ref, size)
+
+/**
+ * The members every envoy has; children and parameters are reached by name.
+ *
+ * @since 0.1.0
+ */
+export interface EnvoyMembers {
+  /** The module's (first) output; `.at(k)` picks the k-th of several. */
+  readonly output: HookProxy
+  /** The module's first input (its main activation). */
+  readonly input: HookProxy
+  /** Every input, in the documented order. */
+  readonly inputs: ReadonlyArray<HookProxy>
+  /** Every output, in the documented order. */
+  readonly outputs: ReadonlyArray<HookProxy>
+  /** Runs this module on new inputs (its first inputs), giving its first output. */
+  call(...args: ReadonlyArray<Operand>): TensorProxy
+  /** The i-th child of a ModuleList (negative from the end). */
+  at(i: number): Envoy
+  /** Moves to the module's next call (for modules called several times). */
+  next(): Envoy
+  /** The module's dotted path. */
+  readonly path: string
+}
+
+/**
+ * A stand-in for a module during tracing. Children are properties
+ * (`m.model.layers[1].self_attn`); parameters too (`m.lm_head.weight`).
+ *
+ * @since 0.1.0
+ */
+export type Envoy = EnvoyMembers & { readonly [child: string]: Envoy & TensorProxy }
+
+const members = new Set(["output", "input", "inputs", "outputs", "call", "at", "next", "path", "then"])
+
+/**
+ * Makes the envoy of a module.
+ *
+ * @since 0.1.0
+ */
+export const envoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
+  const byName = new Map(module.children.map((c) => [c.name, c]))
+  const params = new Map(module.parameters.map((p) => [p.name, p]))
+  const isList = module.children.length > 0 && module.children.every((c) => /^\d+$/.test(c.name))
+  const callInfo = () => {
+    const call = recorder.callOf(module.path)
+    const info = module.calls[call]
+    if (info === undefined) {
+      throw new Errors.ModuleIndexOutOfRange({
+        path: module.path,
+        what: "call",
+        index: call,
+        size: module.calls.length,
+        site: Site.here()
+      })
+    }
+    return { call, info }
+  }
+  const hookAt = (point: "input" | "output", index: number) => {
+    const { call, info } = callInfo()
+    const size = point === "input" ? info.inputs.length : info.outputs.length
+    if (index >= size) {
+      throw new Errors.ModuleIndexOutOfRange({ path: module.path, what: point, index, size, site: Site.here() })
+    }
+    return hook(recorder, { module: module.path, call, invoke: recorder.invoke, point, index }, size)
+  }
+  const child = (key: string): Envoy => {
+    const c = byName.get(key)
+    if (c !== undefined) return envoy(recorder, c)
+    if (/^-?\d+$/.test(key) && isList) {
+      throw new Errors.ModuleIndexOutOfRange({
+        path: module.path,
+        what: "module",
+        index: Number(key),
+        size: module.children.length,
+        site: Site.here()
+      })
+    }
+    throw new Errors.UnknownModule({
+      path: module.path,
+      name: key,
+      available: [...byName.keys(), ...params.keys()],
+      site: Site.here()
+    })
+  }
+  const self: EnvoyMembers = {
+    get output() {
+      return hookAt("output", 0)
+    },
+    get input() {
+      return hookAt("input", 0)
+    },
+    get inputs() {
+      const { info } = callInfo()
+      return info.inputs.map((_, k) => hookAt("input", k))
+    },
+    get outputs() {
+      const { info } = callInfo()
+      return info.outputs.map((_, k) => hookAt("output", k))
+    },
+    call: (...args) => {
+      const { call } = callInfo()
+      const site = Site.here()
+      const ids = args.map((a) => recorder.operand(a, site))
+      return new TensorProxy(
+        recorder,
+        recorder.push({ _tag: "Apply", module: module.path, call, invoke: recorder.invoke, args: ids }, site)
+      )
+    },
+    at: (i) => child(String(i < 0 && isList ? module.children.length + i : i)),
+    next: () => {
+      recorder.advance(module.path)
+      return proxy
+    },
+    path: module.path
+  }
+  const proxy: Envoy = new Proxy(self as Envoy, {
+    get(target, key) {
+      if (typeof key === "symbol") return (target as any)[key]
+      if (members.has(key)) return key === "then" ? undefined : (target as any)[key]
+      if (byName.has(key)) return child(key)
+      if (params.has(key)) {
+        return new TensorProxy(recorder, recorder.push({ _tag: "Param", module: module.path, name: key }))
+      }
+      return child(key)
+    }
+  })
+  return proxy
+}
+
+/**
+ * The tracer handed to trace callbacks (`(m, t) => ...`).
+ *
+ * @since 0.1.0
+ */
+export interface Context<I> {
+  /** Adds an input to the batch; `fn`'s reads and writes address its rows only. */
+  invoke<R>(input: I, fn: () => R): R
+  /** Stops the forward pass once everything recorded before it has run. */
+  stop(): void
+  /** Concatenates tensors along `axis`. */
+  cat(items: ReadonlyArray<Operand>, axis?: number): TensorProxy
+  /** A constant tensor in the graph. */
+  constant(value: Operand): TensorProxy
+}
+
+/**
+ * What {@link record} gives: the graph and the inputs of each invoke.
+ *
+ * @since 0.1.0
+ */
+export interface Recording<I> {
+  readonly graph: Graph.Graph
+  readonly inputs: ReadonlyArray<I>
+}
+
+/**
+ * Records a trace callback. With `input` given, the callback's reads address
+ * that input (one implicit invoke); otherwise it must call `t.invoke`.
+ *
+ * @example
+ * const { graph } = Tracer.record(tree.root, (m) => m.layer1.output, { input: x })
+ *
+ * @since 0.1.0
+ */
+export const record = <I, R>(
+  root: ModuleInfo,
+  fn: (m: Envoy, t: Context<I>) => R,
+  options: { readonly input?: I; readonly hasInput: boolean }
+): Recording<I> => {
+  const recorder = new Recorder(root)
+  const inputs: Array<I> = []
+  let inInvoke = false
+  if (options.hasInput) {
+    inputs.push(options.input as I)
+    recorder.invokes = 1
+  }
+  const t: Context<I> = {
+    invoke: (input, body) => {
+      if (inInvoke) throw new Errors.InvalidInput({ site: Site.here(), reason: "invokes cannot be nested" })
+      if (options.hasInput) {
+        throw new Errors.InvalidInput({
+          site: Site.here(),
+          reason: "this trace was given an input already; pass no input to trace() to use invokes"
+        })
+      }
+      const previous = recorder.invoke
+      recorder.invoke = inputs.length
+      inputs.push(input)
+      recorder.invokes = inputs.length
+      inInvoke = true
+      try {
+        return body()
+      } finally {
+        inInvoke = false
+        recorder.invoke = previous
+      }
+    },
+    stop: () => {
+      recorder.push({ _tag: "Stop" })
+    },
+    cat: (items, axis = 0) => recorder.op("Concat", items, { axis }),
+    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here()))
+  }
+  const m = envoy(recorder, root)
+  const returned = fn(m, t)
+  if (inputs.length === 0) {
+    throw new Errors.InvalidInput({ site: Site.here(), reason: "the trace has no input: pass one to trace() or call t.invoke(input, ...)" })
+  }
+  const result = toResult(recorder, returned)
+  return { graph: { nodes: recorder.nodes, invokes: inputs.length, result }, inputs }
+}
+
+const toResult = (recorder: Recorder, value: unknown): Graph.Result => {
+  if (value instanceof TensorProxy) return { _tag: "Ref", id: recorder.operand(value, "") }
+  if (value instanceof Tensor) return { _tag: "Ref", id: recorder.operand(value, "") }
+  if (Array.isArray(value)) return { _tag: "List", items: value.map((v) => toResult(recorder, v)) }
+  if (value !== null && typeof value === "object") {
+    const fields: Record<string, Graph.Result> = {}
+    for (const [k, v] of Object.entries(value)) fields[k] = toResult(recorder, v)
+    return { _tag: "Record", fields }
+  }
+  if (value === undefined) return { _tag: "Value", value: null }
+  if (typeof value === "bigint") return { _tag: "Value", value: Number(value) }
+  return { _tag: "Value", value: value as string | number | boolean | null }
+}
+
+/**
+ * The type a trace result has once run: proxies become `Tensor`s.
+ *
+ * @since 0.1.0
+ */
+export type Saved<R> = R extends TensorProxy
+  ? Tensor
+  : R extends Tensor
+    ? Tensor
+    : R extends ReadonlyArray<unknown>
+      ? { readonly [K in keyof R]: Saved<R[K]> }
+      : R extends (...args: ReadonlyArray<never>) => unknown
+        ? R
+        : R extends object
+          ? { readonly [K in keyof R]: Saved<R[K]> }
+          : R
