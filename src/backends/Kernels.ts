@@ -234,14 +234,37 @@ export const castTo = (t: Tensor, dtype: DType.DType): Tensor => {
   return new Tensor(dtype, t.shape, out as unknown as DType.ArrayOf[typeof dtype])
 }
 
-const setIndex = (args: ReadonlyArray<Tensor>, attrs: Attrs): Tensor => {
-  const [base, value] = args
-  const resolved = Index.resolve(Index.parse(decodeItems(attrs.items)), base.shape)
+/**
+ * `base[items] = value` as a new tensor: `value` broadcasts to the selection
+ * and is converted to `base`'s dtype.
+ *
+ * @example
+ * Kernels.assign(x, [":", -1], Tensor.from(0)) // x with its last column zeroed
+ *
+ * @since 0.1.0
+ */
+export const assign = (base: Tensor, items: ReadonlyArray<Index.Item>, value: Tensor): Tensor => {
+  const resolved = Index.resolve(Index.parse(items), base.shape)
   const offsets = selectedOffsets(resolved, base.shape)
   const values = broadcastTo(value, resolved.shape, base.dtype) as ArrayLike<unknown>
   const data = (base.data as DType.TypedData).slice() as unknown as Array<unknown>
   for (let k = 0; k < offsets.length; k++) data[offsets[k]] = values[k]
   return new Tensor(base.dtype, base.shape, data as unknown as DType.ArrayOf[typeof base.dtype])
+}
+
+const setIndex = (args: ReadonlyArray<Tensor>, attrs: Attrs): Tensor => assign(args[0], decodeItems(attrs.items), args[1])
+
+/**
+ * The transpose of a matrix (PyTorch's `t()`), copied.
+ *
+ * @since 0.1.0
+ */
+export const transpose2d = (t: Tensor): Tensor => {
+  const [r, c] = t.shape
+  const src = t.data as ArrayLike<unknown>
+  const out = DType.arrayFor(t.dtype, r * c) as unknown as Array<unknown>
+  for (let i = 0; i < r; i++) for (let j = 0; j < c; j++) out[j * r + i] = src[i * c + j]
+  return new Tensor(t.dtype, [c, r], out as unknown as DType.ArrayOf[typeof t.dtype])
 }
 
 const transposePerm = (t: Tensor, attrs: Attrs): ReadonlyArray<number> => {

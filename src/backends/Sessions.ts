@@ -62,6 +62,8 @@ export interface Cache {
 export const sessionOptions = (options: Options = {}): ort.InferenceSession.SessionOptions => ({
   executionProviders: [...(options.executionProviders ?? ["cpu"])] as Array<ort.InferenceSession.ExecutionProviderConfig>,
   graphOptimizationLevel: "all",
+  // onnxruntime warns when a segment's outputs are narrower than the model declared
+  logSeverityLevel: 3,
   ...options.sessionOptions,
   extra: {
     ...(options.sessionOptions?.extra ?? {}),

@@ -162,13 +162,16 @@ export const cut = (idx: Index, positions: Iterable<number>): ReadonlyArray<Segm
  * The ONNX model of a segment: its nodes, the initializers they use, typed
  * inputs and outputs, and the model's opsets and functions.
  *
+ * With `anyShape`, inputs and outputs declare no shape (for running a
+ * module on values of other shapes than the model's).
+ *
  * @example
  * const bytes = Onnx.encode(Segments.toModel(index, seg))
  * await ort.InferenceSession.create(bytes)
  *
  * @since 0.1.0
  */
-export const toModel = (idx: Index, seg: Segment): Onnx.Model => {
+export const toModel = (idx: Index, seg: Segment, options: { readonly anyShape?: boolean } = {}): Onnx.Model => {
   const graph = idx.model.graph
   const nodes = seg.nodes.map((n) => graph.nodes[n])
   const usedInits = new Set<string>()
@@ -180,7 +183,8 @@ export const toModel = (idx: Index, seg: Segment): Onnx.Model => {
   for (const v of [...graph.inputs, ...graph.outputs, ...graph.valueInfos]) declared.set(v.name, v)
   const valueInfo = (name: string): Onnx.ValueInfo => {
     const d = declared.get(name)
-    if (d && Onnx.tensorType(d)?.elemType) return d
+    const t = d && Onnx.tensorType(d)
+    if (d && t?.elemType) return options.anyShape ? Onnx.tensorValueInfo(name, t.elemType) : d
     const elemType = idx.types.get(name)
     if (elemType === undefined) throw new Error(`unknown element type of tensor "${name}"`)
     return Onnx.tensorValueInfo(name, elemType)

@@ -1,0 +1,498 @@
+/**
+ * The local interpreter: runs a model on onnxruntime, cut into segments at
+ * the hook points the intervention graph uses, and interleaves the graph with
+ * the forward pass.
+ *
+ * - Segments: the model's canonical cuts (block borders) plus a cut wherever
+ *   a value is set (a module output is set where the module ends; an input
+ *   is replaced for the module's own range). Reads need no cut: a tensor read
+ *   inside a segment becomes an extra output of it. Sessions are cached by
+ *   segment, so a repeated trace of the same structure creates none.
+ * - Events: after each segment, the hook points it passed fire in PyTorch's
+ *   hook order (at one position: outputs innermost first, then inputs
+ *   outermost first); after each, every node whose inputs are ready runs.
+ *   A read sees the sets recorded before it on the same hook, not later ones.
+ * - Invokes: each invoke's reads and sets address its own rows of the batch.
+ * - Early stop: once a `Stop` node is reached (everything recorded before it
+ *   has run), the remaining segments are skipped; values that needed them are
+ *   reported unavailable.
+ * - Memory: intermediate values are dropped once nothing needs them; only
+ *   results are kept.
+ *
+ * @example
+ * import * as Local from "./Local.js"
+ * const outcome = yield* Local.execute(runtime, { graph, feeds, rows })
+ *
+ * @since 0.1.0
+ */
+import { Effect } from "effect"
+import * as ort from "onnxruntime-node"
+import * as DType from "../core/DType.js"
+import * as Errors from "../core/Errors.js"
+import * as Graph from "../core/Graph.js"
+import * as Literal from "../core/Literal.js"
+import * as Ops from "../core/Ops.js"
+import { Tensor } from "../core/Tensor.js"
+import type * as Loaded from "../models/Loaded.js"
+import * as Onnx from "../models/Onnx.js"
+import * as Segments from "../models/Segments.js"
+import * as Kernels from "./Kernels.js"
+import * as Sessions from "./Sessions.js"
+
+/**
+ * A loaded model with its session cache.
+ *
+ * @since 0.1.0
+ */
+export interface Runtime {
+  readonly loaded: Loaded.Loaded
+  readonly sessions: Sessions.Cache
+}
+
+/**
+ * Rows of the batch that belong to one invoke.
+ *
+ * @since 0.1.0
+ */
+export interface Rows {
+  readonly start: number
+  readonly count: number
+}
+
+/**
+ * One execution: the graph, the batched model inputs, and each invoke's rows.
+ *
+ * @since 0.1.0
+ */
+export interface Request {
+  readonly graph: Graph.Graph
+  readonly feeds: Readonly<Record<string, Tensor>>
+  readonly rows: ReadonlyArray<Rows>
+}
+
+/**
+ * What an execution gives: the value of every node the result refers to, or
+ * why it is unavailable.
+ *
+ * @since 0.1.0
+ */
+export interface Outcome {
+  readonly values: ReadonlyMap<number, Tensor>
+  readonly unavailable: ReadonlyMap<number, Errors.Unavailable>
+}
+
+type Scalar = number | boolean
+type Val = Tensor | ReadonlyArray<Tensor> | Scalar
+
+/** Where and when a hook point fires. */
+interface HookSite {
+  readonly key: string
+  readonly tensor: string
+  readonly position: number
+  /** Sort key among hooks at one position. */
+  readonly order: number
+  readonly start: number
+  readonly end: number
+  readonly point: "input" | "output"
+}
+
+const hookKey = (ref: Graph.HookRef): string => `${ref.module}|${ref.call}|${ref.point}|${ref.index}`
+
+const wrapOrt = (t: ort.Tensor): Tensor => {
+  if (t.type === "bool" || t.type === "float16") return Tensor.fromOrt(t)
+  return new Tensor(t.type as DType.DType, [...t.dims], t.data as DType.TypedData)
+}
+
+const resolveHook = (
+  loaded: Loaded.Loaded,
+  ref: Graph.HookRef,
+  site: string
+): Effect.Effect<HookSite, Errors.UnknownModule | Errors.ModuleIndexOutOfRange> =>
+  Effect.gen(function*() {
+    const module = loaded.tree.modules.get(ref.module)
+    if (module === undefined) {
+      const parts = ref.module.split(".")
+      return yield* new Errors.UnknownModule({
+        path: parts.slice(0, -1).join("."),
+        name: parts[parts.length - 1],
+        available: [],
+        site
+      })
+    }
+    const call = module.calls[ref.call]
+    if (call === undefined) {
+      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site })
+    }
+    const list = ref.point === "input" ? call.inputs : call.outputs
+    if (ref.index < 0 || ref.index >= list.length) {
+      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site })
+    }
+    const depth = ref.module === "" ? 0 : ref.module.split(".").length
+    const position = ref.point === "input" ? call.start : call.end
+    // outputs before inputs; outputs innermost first, inputs outermost first
+    const order = ref.point === "output" ? 1000 - depth : 2000 + depth
+    return { key: hookKey(ref), tensor: list[ref.index], position, order, start: call.start, end: call.end, point: ref.point }
+  })
+
+/**
+ * The batch rows of an invoke, when the tensor is batched (its first
+ * dimension is the batch size); the whole tensor otherwise.
+ */
+const narrow = (t: Tensor, rows: Rows, batch: number, invokes: number): Tensor => {
+  if (invokes <= 1 || t.shape.length === 0 || t.shape[0] !== batch) return t
+  const rowSize = t.shape.slice(1).reduce((a, b) => a * b, 1)
+  const data = t.data as DType.TypedData
+  const part =
+    Array.isArray(data) ? data.slice(rows.start * rowSize, (rows.start + rows.count) * rowSize)
+    : (data as Exclude<DType.TypedData, Array<string>>).subarray(rows.start * rowSize, (rows.start + rows.count) * rowSize)
+  return new Tensor(t.dtype, [rows.count, ...t.shape.slice(1)], part as DType.ArrayOf[DType.DType])
+}
+
+/** Broadcasts `value` into the rows of `base` (all of it when not batched). */
+const replaceRows = (base: Tensor, value: Tensor, rows: Rows, batch: number, invokes: number): Tensor => {
+  const whole = invokes <= 1 || base.shape.length === 0 || base.shape[0] !== batch
+  return Kernels.assign(base, whole ? [] : [`${rows.start}:${rows.start + rows.count}`], value)
+}
+
+/**
+ * Runs a graph against a model.
+ *
+ * @example
+ * const outcome = yield* Local.execute(runtime, request)
+ *
+ * @since 0.1.0
+ */
+export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Errors.TraceError> =>
+  Effect.gen(function*() {
+    const { loaded, sessions } = rt
+    const { graph, rows } = req
+    const idx = loaded.index
+    const n = loaded.tree.order.length
+    const nodes = graph.nodes
+    const batch = rows.reduce((a, r) => a + r.count, 0)
+    const invokes = rows.length
+
+    // -- inputs ------------------------------------------------------------
+    const env = new Map<string, Tensor>()
+    const declared = new Map(loaded.model.graph.inputs.map((v) => [v.name, v]))
+    for (const [name, t] of Object.entries(req.feeds)) {
+      const v = declared.get(name)
+      if (v === undefined) {
+        return yield* new Errors.InvalidInput({
+          site: "",
+          reason: `the model has no input "${name}"; its inputs are ${[...declared.keys()].join(", ")}`
+        })
+      }
+      const want = DType.fromOnnx(Onnx.tensorType(v)?.elemType ?? 0)
+      env.set(name, want !== undefined && want !== t.dtype ? Kernels.castTo(t, want) : t)
+    }
+    const initializerNames = new Set(loaded.model.graph.initializers.map((t) => t.name))
+    const missing = loaded.model.graph.inputs.filter((v) => !env.has(v.name) && !initializerNames.has(v.name))
+    if (missing.length > 0) {
+      return yield* new Errors.InvalidInput({ site: "", reason: `missing model inputs: ${missing.map((v) => v.name).join(", ")}` })
+    }
+
+    // -- hooks, cuts, events -------------------------------------------------
+    const hookSites = new Map<string, HookSite>()
+    const cuts = new Set(loaded.canonicalCuts)
+    const pins = new Set<string>()
+    for (const node of nodes) {
+      if (node._tag === "Hook" || node._tag === "Set") {
+        const site = yield* resolveHook(loaded, node.ref, node.site)
+        hookSites.set(site.key, site)
+        if (node._tag === "Set") {
+          cuts.add(site.position)
+          if (site.point === "input") cuts.add(site.end)
+        }
+      }
+      if (node._tag === "Apply") {
+        const module = loaded.tree.modules.get(node.module)
+        const call = module?.calls[node.call]
+        if (module === undefined || call === undefined) {
+          return yield* new Errors.UnknownModule({ path: "", name: node.module, available: [], site: node.site })
+        }
+        call.inputs.slice(node.args.length).forEach((t) => pins.add(t))
+      }
+    }
+    const bounds = [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
+    const events = [...hookSites.values()].sort((a, b) => a.position - b.position || a.order - b.order)
+    const readTensors = new Set(events.map((e) => e.tensor))
+    for (const e of events) pins.add(e.tensor)
+
+    // -- node bookkeeping ----------------------------------------------------
+    const values = new Map<number, Val>()
+    const done = new Set<number>()
+    const uses = new Int32Array(nodes.length)
+    const resultIds = new Set(Graph.resultRefs(graph.result))
+    for (const node of nodes) for (const d of Graph.dependencies(node)) uses[d]++
+    const snapshots = new Map<string, Tensor>()
+    const hookUsers = new Map<string, number>()
+    for (const node of nodes) {
+      if (node._tag === "Hook" || node._tag === "Set") hookUsers.set(hookKey(node.ref), (hookUsers.get(hookKey(node.ref)) ?? 0) + 1)
+    }
+    const overrides: Array<{ start: number; end: number; tensor: string; value: Tensor }> = []
+    // a read waits for the sets recorded before it on the same hook
+    const setsBefore = new Map<number, ReadonlyArray<number>>()
+    const setsSoFar = new Map<string, Array<number>>()
+    for (const node of nodes) {
+      if (node._tag === "Hook") setsBefore.set(node.id, [...(setsSoFar.get(hookKey(node.ref)) ?? [])])
+      if (node._tag === "Set") {
+        const key = hookKey(node.ref)
+        setsSoFar.set(key, [...(setsSoFar.get(key) ?? []), node.id])
+      }
+    }
+    let stopped: Graph.Node | undefined
+    let position = 0
+
+    const release = (id: number) => {
+      if (--uses[id] <= 0 && !resultIds.has(id)) values.delete(id)
+    }
+    const hookDone = (ref: Graph.HookRef) => {
+      const key = hookKey(ref)
+      const left = (hookUsers.get(key) ?? 1) - 1
+      hookUsers.set(key, left)
+      if (left <= 0) snapshots.delete(key)
+    }
+    const asTensor = (id: number, v: Val, site: string): Tensor => {
+      if (v instanceof Tensor) return v
+      if (Array.isArray(v)) return (v as ReadonlyArray<Tensor>)[0]
+      void id
+      void site
+      return typeof v === "boolean" ? new Tensor("bool", [], Uint8Array.of(v ? 1 : 0)) : new Tensor("float32", [], Float32Array.of(v as number))
+    }
+    const fail = (site: string, e: unknown): Errors.TraceError => {
+      if (Errors.isTraceError(e)) return e
+      if (e instanceof Sessions.OrtError) return new Errors.ExecutionError({ site, reason: e.message })
+      const message = e instanceof Error ? e.message : String(e)
+      return new Errors.InvalidValue({ site, reason: message })
+    }
+
+    const operands = (node: Graph.Node & { _tag: "Op" }): ReadonlyArray<Tensor> => {
+      const raw = node.args.map((a) => values.get(a)!)
+      const tensorArgs = raw.filter((v): v is Tensor => v instanceof Tensor)
+      const dtypeArgs = node.op === "Where" ? tensorArgs.filter((_, k) => !(raw[0] instanceof Tensor && k === 0)) : tensorArgs
+      const target = dtypeArgs.length > 0 ? Kernels.promote(dtypeArgs.map((t) => t.dtype)) : undefined
+      return raw.map((v, k) => {
+        if (node.op === "Where" && k === 0) return v instanceof Tensor ? Kernels.castTo(v, "bool") : asTensor(-1, v, node.site)
+        if (Array.isArray(v)) return (v as ReadonlyArray<Tensor>)[0]
+        if (v instanceof Tensor) return Ops.broadcasting.has(node.op) || node.op === "MatMul" || node.op === "Concat" ? Kernels.castTo(v, target ?? v.dtype) : v
+        const scalar = v as Scalar
+        const dtype = target ?? (typeof scalar === "boolean" ? "bool" : "float32")
+        return Kernels.castTo(asTensor(-1, scalar, node.site), dtype)
+      })
+    }
+
+    const param = (node: Graph.Node & { _tag: "Param" }): Tensor => {
+      const module = loaded.tree.modules.get(node.module)
+      const p = module?.parameters.find((q) => q.name === node.name)
+      const init = p && loaded.model.graph.initializers.find((t) => t.name === p.initializer)
+      if (p === undefined || init === undefined) {
+        throw new Errors.UnknownModule({ path: node.module, name: node.name, available: module?.parameters.map((q) => q.name) ?? [], site: node.site })
+      }
+      const dtype = DType.fromOnnx(init.dataType)!
+      const t = new Tensor(dtype, init.dims.map(Number), Onnx.tensorData(init) as DType.ArrayOf[DType.DType])
+      return p.transposed ? Kernels.transpose2d(t) : t
+    }
+
+    const applyModule = (node: Graph.Node & { _tag: "Apply" }) =>
+      Effect.gen(function*() {
+        const call = loaded.tree.modules.get(node.module)!.calls[node.call]
+        const seg0 = Segments.segment(idx, call.start, call.end)
+        const seg: Segments.Segment = { ...seg0, outputs: [call.outputs[0]] }
+        const session = yield* sessions.get(`apply:${call.start}:${call.end}:${call.outputs[0]}`, () =>
+          Onnx.encode(Segments.toModel(idx, seg, { anyShape: true }))
+        )
+        const feeds: Record<string, ort.Tensor> = {}
+        for (const name of seg.inputs) {
+          const k = call.inputs.indexOf(name)
+          let t: Tensor | undefined
+          if (k >= 0 && k < node.args.length) {
+            const want = DType.fromOnnx(idx.types.get(name) ?? 0)
+            const v = asTensor(node.args[k], values.get(node.args[k])!, node.site)
+            t = want !== undefined ? Kernels.castTo(v, want) : v
+          } else t = env.get(name)
+          if (t === undefined) {
+            return yield* new Errors.InvalidValue({
+              site: node.site,
+              reason: `${node.module}.call() needs its input "${name}", which is not available here; pass it as an argument`
+            })
+          }
+          feeds[name] = t.toOrt()
+        }
+        const out = yield* Sessions.run(session, feeds, seg.outputs)
+        return wrapOrt(out[seg.outputs[0]])
+      })
+
+    /** Runs one node if it is ready; returns whether it ran. */
+    const step = (node: Graph.Node): Effect.Effect<boolean, Errors.TraceError> =>
+      Effect.gen(function*() {
+        const ready = (ids: ReadonlyArray<number>) => ids.every((d) => done.has(d) && values.has(d))
+        switch (node._tag) {
+          case "Constant":
+            values.set(node.id, Literal.toTensor(node.value))
+            return true
+          case "Scalar":
+            values.set(node.id, node.value)
+            return true
+          case "Param":
+            values.set(node.id, yield* Effect.try({ try: () => param(node), catch: (e) => fail(node.site, e) }))
+            return true
+          case "Hook": {
+            const snap = snapshots.get(hookKey(node.ref))
+            if (snap === undefined || !setsBefore.get(node.id)!.every((s) => done.has(s))) return false
+            values.set(node.id, narrow(snap, rows[node.ref.invoke], batch, invokes))
+            hookDone(node.ref)
+            return true
+          }
+          case "Set": {
+            const key = hookKey(node.ref)
+            const snap = snapshots.get(key)
+            if (snap === undefined || !ready([node.value])) return false
+            const site = hookSites.get(key)!
+            const value = asTensor(node.value, values.get(node.value)!, node.site)
+            const replaced = yield* Effect.try({
+              try: () => replaceRows(snap, value, rows[node.ref.invoke], batch, invokes),
+              catch: (e) =>
+                new Errors.InvalidValue({
+                  site: node.site,
+                  reason: `cannot set ${node.ref.module}.${node.ref.point}: ${e instanceof Error ? e.message : String(e)}`
+                })
+            })
+            snapshots.set(key, replaced)
+            if (site.point === "output") env.set(site.tensor, replaced)
+            else overrides.push({ start: site.start, end: site.end, tensor: site.tensor, value: replaced })
+            release(node.value)
+            hookDone(node.ref)
+            return true
+          }
+          case "Op": {
+            if (!ready(node.args)) return false
+            const args = yield* Effect.try({ try: () => operands(node), catch: (e) => fail(node.site, e) })
+            const out = yield* Kernels.run(sessions, node.op, args, node.attrs).pipe(
+              Effect.mapError((e) => fail(node.site, e))
+            )
+            values.set(node.id, out)
+            node.args.forEach(release)
+            return true
+          }
+          case "Apply": {
+            if (!ready(node.args)) return false
+            values.set(node.id, yield* applyModule(node).pipe(Effect.mapError((e) => fail(node.site, e))))
+            node.args.forEach(release)
+            return true
+          }
+          case "Stop": {
+            for (let k = 0; k < node.id; k++) if (!done.has(k)) return false
+            stopped = node
+            return true
+          }
+        }
+      })
+
+    const pending = new Set(nodes.map((nd) => nd.id))
+    const runReady = Effect.gen(function*() {
+      let progress = true
+      while (progress && stopped === undefined) {
+        progress = false
+        for (const id of pending) {
+          if (stopped !== undefined) break
+          if (yield* step(nodes[id])) {
+            pending.delete(id)
+            done.add(id)
+            if (uses[id] <= 0 && !resultIds.has(id)) values.delete(id)
+            progress = true
+          }
+        }
+      }
+    })
+
+    const valueAt = (tensor: string, site: HookSite): Tensor | undefined => {
+      for (let k = overrides.length - 1; k >= 0; k--) {
+        const o = overrides[k]
+        if (o.tensor === tensor && site.position >= o.start && site.position < o.end) return o.value
+      }
+      return env.get(tensor)
+    }
+
+    let nextEvent = 0
+    const fireUpTo = (pos: number) =>
+      Effect.gen(function*() {
+        while (nextEvent < events.length && events[nextEvent].position <= pos && stopped === undefined) {
+          const e = events[nextEvent++]
+          const t = valueAt(e.tensor, e)
+          if (t !== undefined) snapshots.set(e.key, t)
+          yield* runReady
+        }
+        // a set at this point must have been applied before the forward goes on
+        for (const id of pending) {
+          const node = nodes[id]
+          if (node._tag !== "Set" || stopped !== undefined) continue
+          const site = hookSites.get(hookKey(node.ref))!
+          if (site.position <= pos && snapshots.has(site.key)) {
+            return yield* new Errors.OutOfOrder({
+              site: node.site,
+              reason: `this set on ${node.ref.module || "the model"}.${node.ref.point} needs a value that is only computed later in the forward pass`
+            })
+          }
+        }
+      })
+
+    // -- the forward pass ------------------------------------------------------
+    yield* runReady
+    yield* fireUpTo(0)
+    for (let k = 0; k + 1 < bounds.length && stopped === undefined; k++) {
+      const [start, end] = [bounds[k], bounds[k + 1]]
+      position = start
+      const extra = [...readTensors].filter((t) => {
+        const p = idx.producer.get(t)
+        return p !== undefined && idx.position[p] >= start && idx.position[p] < end
+      })
+      const seg = Segments.segment(idx, start, end, extra)
+      const key = `seg:${start}:${end}|${[...seg.outputs].sort().join(",")}`
+      const session = yield* sessions.get(key, () => Onnx.encode(Segments.toModel(idx, seg))).pipe(
+        Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
+      )
+      const feeds: Record<string, ort.Tensor> = {}
+      for (const name of seg.inputs) {
+        let t = env.get(name)
+        for (const o of overrides) if (o.tensor === name && start >= o.start && end <= o.end) t = o.value
+        if (t === undefined) return yield* new Errors.ExecutionError({ site: "", reason: `internal: tensor "${name}" was dropped too early` })
+        feeds[name] = t.toOrt()
+      }
+      const out = yield* Sessions.run(session, feeds, seg.outputs).pipe(
+        Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
+      )
+      for (const name of seg.outputs) env.set(name, wrapOrt(out[name]))
+      yield* fireUpTo(end)
+      // drop forward tensors nothing later needs
+      for (const name of [...env.keys()]) {
+        if ((idx.lastUse.get(name) ?? -1) < end && !pins.has(name) && !idx.graphOutputs.has(name)) env.delete(name)
+      }
+      for (const e of events.slice(0, nextEvent)) {
+        if ((hookUsers.get(e.key) ?? 0) <= 0) pins.delete(e.tensor)
+      }
+    }
+    void position
+    if (stopped === undefined) yield* runReady
+
+    // -- results -------------------------------------------------------------
+    const out = new Map<number, Tensor>()
+    const unavailable = new Map<number, Errors.Unavailable>()
+    for (const id of resultIds) {
+      const v = values.get(id)
+      if (v !== undefined && done.has(id)) out.set(id, asTensor(id, v, nodes[id].site))
+      else {
+        unavailable.set(
+          id,
+          new Errors.Unavailable({
+            site: nodes[id].site,
+            reason:
+              stopped !== undefined
+                ? `the trace stopped early${stopped.site === "" ? "" : ` (at ${stopped.site})`} before it was computed`
+                : "the forward pass never reached the module it reads"
+          })
+        )
+      }
+    }
+    return { values: out, unavailable }
+  })

@@ -1,0 +1,347 @@
+/**
+ * `NNsight`: any ONNX model, traced. Loads a model (path or bytes), recovers
+ * its module tree, and runs traces whose interventions are interleaved with
+ * the forward pass by the backend in use (local onnxruntime by default).
+ *
+ * @example
+ * import { NNsight, Tensor } from "nnsight-ts"
+ * const net = await NNsight.load("model.onnx")
+ * const out = await net.trace({ x: Tensor.from([[1, 2, 3, 4, 5]]) }, (m) => ({ h: m.layer1.output }))
+ * out.h.shape // [1, 10]
+ * await net.close()
+ *
+ * @since 0.1.0
+ */
+import * as fs from "node:fs/promises"
+import { Cause, Effect, Exit, Option, Scope } from "effect"
+import * as DType from "../core/DType.js"
+import * as Errors from "../core/Errors.js"
+import type * as Graph from "../core/Graph.js"
+import { Tensor } from "../core/Tensor.js"
+import * as Tracer from "../core/Tracer.js"
+import { Backend } from "../backends/Backend.js"
+import type * as Local from "../backends/Local.js"
+import * as Sessions from "../backends/Sessions.js"
+import * as Loaded from "./Loaded.js"
+import * as ModuleTree from "./ModuleTree.js"
+
+/**
+ * The inputs of a generic model: one tensor (for a one-input model) or
+ * tensors by input name.
+ *
+ * @since 0.1.0
+ */
+export type Inputs = Tensor | Readonly<Record<string, Tensor>>
+
+/**
+ * Options of {@link NNsight.load}.
+ *
+ * @since 0.1.0
+ */
+export interface LoadOptions extends Loaded.Options, Sessions.Options {
+  /** The backend traces run on unless one is provided in context (default: local). */
+  readonly backend?: Backend["Service"]
+}
+
+/**
+ * Options of one trace.
+ *
+ * @since 0.1.0
+ */
+export interface TraceOptions {
+  /** Run on this backend instead of the model's. */
+  readonly backend?: Backend["Service"]
+}
+
+/**
+ * Batched model inputs and the rows of each invoke.
+ *
+ * @since 0.1.0
+ */
+export interface Batch {
+  readonly feeds: Readonly<Record<string, Tensor>>
+  readonly rows: ReadonlyArray<Local.Rows>
+}
+
+type TraceFn<I, R> = (m: Tracer.Envoy, t: Tracer.Context<I>) => R
+
+/**
+ * What every traced model does, whatever its inputs are (tensors for
+ * {@link NNsight}, prompts for `LanguageModel`).
+ *
+ * @since 0.1.0
+ */
+export class TracedModel<I> {
+  /** The Effect forms of the methods, with typed errors. */
+  readonly effect: {
+    /** {@link NNsight.trace} as an Effect. */
+    readonly trace: {
+      <R>(input: I, fn: TraceFn<I, R>, options?: TraceOptions): Effect.Effect<Tracer.Saved<R>, Errors.TraceError>
+      <R>(fn: TraceFn<I, R>, options?: TraceOptions): Effect.Effect<Tracer.Saved<R>, Errors.TraceError>
+    }
+  }
+
+  protected constructor(
+    readonly runtime: Local.Runtime,
+    private readonly scope: Scope.Closeable,
+    private readonly backend: Backend["Service"]
+  ) {
+    const self = this
+    this.effect = {
+      trace: ((a: unknown, b?: unknown, c?: unknown) => {
+        const [input, fn, options, hasInput] =
+          typeof a === "function" ? [undefined, a, b, false] : [a, b, c, true]
+        return self.traceEffect(input as I, fn as TraceFn<I, unknown>, (options ?? {}) as TraceOptions, hasInput)
+      }) as TracedModel<I>["effect"]["trace"]
+    }
+  }
+
+  /** Decodes a model and opens its session cache in a fresh scope. */
+  protected static async open(bytes: Uint8Array, options: LoadOptions) {
+    const scope = Effect.runSync(Scope.make())
+    const loaded = Loaded.fromBytes(bytes, options)
+    const sessions = await Effect.runPromise(Scope.provide(Sessions.make(options), scope))
+    return { runtime: { loaded, sessions }, scope }
+  }
+
+  /** The module tree. */
+  get tree(): ModuleTree.Tree {
+    return this.runtime.loaded.tree
+  }
+
+  /** The module tree, printed as PyTorch prints a model. */
+  toString(): string {
+    return ModuleTree.format(this.runtime.loaded.tree)
+  }
+
+  /**
+   * Runs the model with interventions: `fn` records what to read, set and
+   * compute; proxies it returns come back as `Tensor`s. Without an input,
+   * `fn` adds inputs with `t.invoke(input, ...)`, batched into one run.
+   *
+   * @example
+   * const { h } = await net.trace(x, (m) => ({ h: m.layer1.output }))
+   * await net.trace((m, t) => {
+   *   const a = t.invoke(x1, () => m.layer1.output)
+   *   return t.invoke(x2, () => { m.layer1.output.set(a); return m.output })
+   * })
+   *
+   * @since 0.1.0
+   */
+  trace<R>(input: I, fn: TraceFn<I, R>, options?: TraceOptions): Promise<Tracer.Saved<R>>
+  trace<R>(fn: TraceFn<I, R>, options?: TraceOptions): Promise<Tracer.Saved<R>>
+  trace(a: unknown, b?: unknown, c?: unknown): Promise<unknown> {
+    const [input, fn, options, hasInput] = typeof a === "function" ? [undefined, a, b, false] : [a, b, c, true]
+    return runPromise(this.traceEffect(input as I, fn as TraceFn<I, unknown>, (options ?? {}) as TraceOptions, hasInput))
+  }
+
+  /**
+   * Runs the model without interventions (through the same segments a trace
+   * uses) and returns every graph output.
+   *
+   * @example
+   * const { logits } = await model.run(inputs)
+   *
+   * @since 0.1.0
+   */
+  run(input: I): Promise<Record<string, Tensor>> {
+    const outputs = this.runtime.loaded.model.graph.outputs.map((o) => o.name)
+    return this.trace(input, (m) => Object.fromEntries(outputs.map((name, k) => [name, m.outputs[k]]))) as Promise<
+      Record<string, Tensor>
+    >
+  }
+
+  /**
+   * Records a trace callback without running it: the intervention graph.
+   *
+   * @example
+   * console.log(Graph.format(model.graph(x, (m) => m.layer1.output).graph))
+   *
+   * @since 0.1.0
+   */
+  record<R>(input: I, fn: TraceFn<I, R>): Tracer.Recording<I> {
+    return Tracer.record(this.runtime.loaded.tree.root, fn, { input, hasInput: true })
+  }
+
+  /** Releases every onnxruntime session of this model. */
+  async close(): Promise<void> {
+    await Effect.runPromise(Scope.close(this.scope, Exit.void))
+  }
+
+  /** Releases the model's sessions at the end of a `using` block. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close()
+  }
+
+  /** Batches the inputs of the invokes (concatenating along the first dimension). */
+  protected prepare(inputs: ReadonlyArray<I>): Effect.Effect<Batch, Errors.TraceError> {
+    const names = this.runtime.loaded.model.graph.inputs.map((v) => v.name)
+    return Effect.try({
+      try: () => batchTensors(inputs.map((i) => toNamed(i as Inputs, names))),
+      catch: (e) => (Errors.isTraceError(e) ? e : new Errors.InvalidInput({ site: "", reason: String(e) }))
+    })
+  }
+
+  protected traceEffect<R>(
+    input: I,
+    fn: TraceFn<I, R>,
+    options: TraceOptions,
+    hasInput: boolean
+  ): Effect.Effect<Tracer.Saved<R>, Errors.TraceError> {
+    const self = this
+    return Effect.gen(function*() {
+      const recording = yield* Effect.try({
+        try: () => Tracer.record(self.runtime.loaded.tree.root, fn, { input, hasInput }),
+        catch: (e) => toTraceError(e)
+      })
+      const batch = yield* self.prepare(recording.inputs)
+      const provided = yield* Effect.serviceOption(Backend)
+      const backend = options.backend ?? Option.getOrElse(provided, () => self.backend)
+      const outcome = yield* backend.execute({ runtime: self.runtime, graph: recording.graph, ...batch })
+      return materialize(recording.graph.result, outcome) as Tracer.Saved<R>
+    })
+  }
+}
+
+/**
+ * A traced ONNX model with tensor inputs.
+ *
+ * @since 0.1.0
+ */
+export class NNsight extends TracedModel<Inputs> {
+  /**
+   * Loads a model from an ONNX file path or its bytes.
+   *
+   * @example
+   * const net = await NNsight.load("test/fixtures/tiny_mlp/model.onnx")
+   *
+   * @since 0.1.0
+   */
+  static async load(source: string | Uint8Array, options: LoadOptions = {}): Promise<NNsight> {
+    const bytes = typeof source === "string" ? new Uint8Array(await fs.readFile(source)) : source
+    const { runtime, scope } = await NNsight.open(bytes, options)
+    return new NNsight(runtime, scope, options.backend ?? Backend.local)
+  }
+
+}
+
+const toTraceError = (e: unknown): Errors.TraceError => {
+  if (Errors.isTraceError(e)) return e
+  const tagged = e as { _tag?: string; message?: string }
+  if (tagged?._tag === "InvalidIndex" || tagged?._tag === "IndexOutOfRange" || tagged?._tag === "TooManyIndices") {
+    return new Errors.InvalidValue({ site: "", reason: tagged.message ?? String(e) })
+  }
+  if (tagged?._tag === "InvalidTensor") return new Errors.InvalidInput({ site: "", reason: tagged.message ?? String(e) })
+  throw e
+}
+
+/**
+ * Runs an Effect as a Promise, rejecting with the typed error itself (not a
+ * wrapper), so `catch (e) { e instanceof Errors.UnknownModule }` works.
+ *
+ * @since 0.1.0
+ */
+export const runPromise = <A, E>(effect: Effect.Effect<A, E>): Promise<A> =>
+  Effect.runPromiseExit(effect).then((exit) => {
+    if (Exit.isSuccess(exit)) return exit.value
+    throw Cause.squash(exit.cause)
+  })
+
+const toNamed = (input: Inputs, names: ReadonlyArray<string>): Readonly<Record<string, Tensor>> => {
+  if (input instanceof Tensor) {
+    if (names.length !== 1) {
+      throw new Errors.InvalidInput({
+        site: "",
+        reason: `this model has ${names.length} inputs (${names.join(", ")}): pass them by name`
+      })
+    }
+    return { [names[0]]: input }
+  }
+  return input
+}
+
+/**
+ * Concatenates named inputs along their first dimension.
+ *
+ * @since 0.1.0
+ */
+export const batchTensors = (inputs: ReadonlyArray<Readonly<Record<string, Tensor>>>): Batch => {
+  const names = Object.keys(inputs[0] ?? {})
+  const rows: Array<Local.Rows> = []
+  let start = 0
+  for (const input of inputs) {
+    const first = input[names[0]]
+    const count = first?.shape[0] ?? 1
+    for (const name of names) {
+      const t = input[name]
+      if (t === undefined) throw new Errors.InvalidInput({ site: "", reason: `an invoke is missing input "${name}"` })
+      if (t.shape[0] !== count) {
+        throw new Errors.InvalidInput({ site: "", reason: `inputs of one invoke disagree on the batch size (${names[0]}: ${count}, ${name}: ${t.shape[0]})` })
+      }
+    }
+    rows.push({ start, count })
+    start += count
+  }
+  if (inputs.length === 1) return { feeds: inputs[0], rows }
+  const feeds: Record<string, Tensor> = {}
+  for (const name of names) feeds[name] = concat0(inputs.map((i) => i[name]), name)
+  return { feeds, rows }
+}
+
+const concat0 = (parts: ReadonlyArray<Tensor>, name: string): Tensor => {
+  const [first] = parts
+  const rest = first.shape.slice(1)
+  for (const p of parts) {
+    if (p.dtype !== first.dtype || p.shape.length !== first.shape.length || p.shape.slice(1).some((d, i) => d !== rest[i])) {
+      throw new Errors.InvalidInput({
+        site: "",
+        reason: `invokes' "${name}" inputs cannot be batched: shapes [${first.shape}] (${first.dtype}) and [${p.shape}] (${p.dtype})`
+      })
+    }
+  }
+  const total = parts.reduce((a, p) => a + p.shape[0], 0)
+  const out = DType.arrayFor(first.dtype, total * rest.reduce((a, b) => a * b, 1)) as unknown as { set?: (a: ArrayLike<unknown>, o: number) => void } & Array<unknown>
+  let offset = 0
+  for (const p of parts) {
+    const d = p.data as unknown as ArrayLike<unknown>
+    if (typeof out.set === "function") out.set(d, offset)
+    else for (let i = 0; i < d.length; i++) out[offset + i] = d[i]
+    offset += d.length
+  }
+  return new Tensor(first.dtype, [total, ...rest], out as unknown as DType.ArrayOf[DType.DType])
+}
+
+/**
+ * The user's result: references replaced by tensors; an unavailable value is
+ * a property that throws its typed error when read.
+ *
+ * @since 0.1.0
+ */
+export const materialize = (result: Graph.Result, outcome: Local.Outcome): unknown => {
+  switch (result._tag) {
+    case "Ref": {
+      const v = outcome.values.get(result.id)
+      if (v !== undefined) return v
+      throw outcome.unavailable.get(result.id) ?? new Errors.Unavailable({ site: "", reason: "no value was computed" })
+    }
+    case "List":
+      return result.items.map((r) => materialize(r, outcome))
+    case "Record": {
+      const out: Record<string, unknown> = {}
+      for (const [k, r] of Object.entries(result.fields)) {
+        if (r._tag === "Ref" && !outcome.values.has(r.id)) {
+          const error = outcome.unavailable.get(r.id) ?? new Errors.Unavailable({ site: "", reason: "no value was computed" })
+          Object.defineProperty(out, k, {
+            enumerable: true,
+            get: () => {
+              throw error
+            }
+          })
+        } else out[k] = materialize(r, outcome)
+      }
+      return out
+    }
+    case "Value":
+      return result.value === null ? undefined : result.value
+  }
+}
