@@ -51,6 +51,8 @@ export interface Index {
   readonly initializers: ReadonlySet<string>
   readonly graphOutputs: ReadonlySet<string>
   readonly types: ReadonlyMap<string, number>
+  /** Known (possibly symbolic) shapes of tensors, declared on segment borders. */
+  readonly shapes: Map<string, ReadonlyArray<Onnx.DimLike>>
 }
 
 /**
@@ -84,7 +86,8 @@ export const index = (model: Onnx.Model, order: ReadonlyArray<number>): Index =>
     lastUse,
     initializers: new Set(graph.initializers.map((t) => t.name)),
     graphOutputs: new Set(graph.outputs.map((o) => o.name)),
-    types: ElemTypes.infer(graph)
+    types: ElemTypes.infer(graph),
+    shapes: new Map()
   }
 }
 
@@ -187,7 +190,7 @@ export const toModel = (idx: Index, seg: Segment, options: { readonly anyShape?:
     if (d && t?.elemType) return options.anyShape ? Onnx.tensorValueInfo(name, t.elemType) : d
     const elemType = idx.types.get(name)
     if (elemType === undefined) throw new Error(`unknown element type of tensor "${name}"`)
-    return Onnx.tensorValueInfo(name, elemType)
+    return Onnx.tensorValueInfo(name, elemType, options.anyShape ? undefined : idx.shapes.get(name))
   }
   return {
     ...idx.model,
