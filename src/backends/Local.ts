@@ -96,6 +96,22 @@ interface HookSite {
   readonly point: "input" | "output"
 }
 
+const plans = new WeakMap<Loaded.Loaded, Map<string, { readonly seg: Segments.Segment; readonly key: string }>>()
+
+/** The segment `[start, end)` with extra outputs, planned once per model. */
+const plan = (loaded: Loaded.Loaded, start: number, end: number, extra: ReadonlyArray<string>) => {
+  let cache = plans.get(loaded)
+  if (cache === undefined) plans.set(loaded, (cache = new Map()))
+  const id = `${start}:${end}|${[...extra].sort().join(",")}`
+  let entry = cache.get(id)
+  if (entry === undefined) {
+    const seg = Segments.segment(loaded.index, start, end, extra)
+    entry = { seg, key: `seg:${start}:${end}|${[...seg.outputs].sort().join(",")}` }
+    cache.set(id, entry)
+  }
+  return entry
+}
+
 const hookKey = (ref: Graph.HookRef): string => `${ref.module}|${ref.call}|${ref.point}|${ref.index}`
 
 const wrapOrt = (t: ort.Tensor): Tensor => {
@@ -447,8 +463,7 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
         const p = idx.producer.get(t)
         return p !== undefined && idx.position[p] >= start && idx.position[p] < end
       })
-      const seg = Segments.segment(idx, start, end, extra)
-      const key = `seg:${start}:${end}|${[...seg.outputs].sort().join(",")}`
+      const { seg, key } = plan(loaded, start, end, extra)
       const session = yield* sessions.get(key, () => Onnx.encode(Segments.toModel(idx, seg))).pipe(
         Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
       )

@@ -376,6 +376,12 @@ export interface EnvoyMembers {
   next(): Envoy
   /** The module's dotted path. */
   readonly path: string
+  /** The module's `weight` parameter, in PyTorch's layout (e.g. `[out, in]` for Linear). */
+  readonly weight: TensorProxy
+  /** The module's `bias` parameter. */
+  readonly bias: TensorProxy
+  /** Any parameter by name. */
+  param(name: string): TensorProxy
 }
 
 /**
@@ -384,9 +390,9 @@ export interface EnvoyMembers {
  *
  * @since 0.1.0
  */
-export type Envoy = EnvoyMembers & { readonly [child: string]: Envoy & TensorProxy }
+export type Envoy = EnvoyMembers & { readonly [child: string]: Envoy }
 
-const members = new Set(["output", "input", "inputs", "outputs", "call", "at", "next", "path", "then"])
+const members = new Set(["output", "input", "inputs", "outputs", "call", "at", "next", "path", "then", "param"])
 
 /**
  * Makes the envoy of a module.
@@ -467,16 +473,33 @@ export const envoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
       recorder.advance(module.path)
       return proxy
     },
-    path: module.path
+    path: module.path,
+    get weight() {
+      return byName.has("weight") ? (child("weight") as unknown as TensorProxy) : param("weight")
+    },
+    get bias() {
+      return byName.has("bias") ? (child("bias") as unknown as TensorProxy) : param("bias")
+    },
+    param: (name) => param(name)
+  }
+  const param = (name: string): TensorProxy => {
+    if (!params.has(name)) {
+      throw new Errors.UnknownModule({
+        path: module.path,
+        name,
+        available: [...byName.keys(), ...params.keys()],
+        site: Site.here()
+      })
+    }
+    return new TensorProxy(recorder, recorder.push({ _tag: "Param", module: module.path, name }))
   }
   const proxy: Envoy = new Proxy(self as Envoy, {
     get(target, key) {
       if (typeof key === "symbol") return (target as any)[key]
       if (members.has(key)) return key === "then" ? undefined : (target as any)[key]
       if (byName.has(key)) return child(key)
-      if (params.has(key)) {
-        return new TensorProxy(recorder, recorder.push({ _tag: "Param", module: module.path, name: key }))
-      }
+      if (params.has(key)) return param(key)
+      if (key === "weight" || key === "bias") return (target as any)[key]
       return child(key)
     }
   })
