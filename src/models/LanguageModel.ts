@@ -130,7 +130,7 @@ export class LanguageModel extends TracedModel<Prompt> {
     const model = new LanguageModel(runtime, scope, options.backend ?? Backend.local)
     model.config = config
     model.generationConfig = generationConfig
-    model.tokenizer = makeTokenizer(tokenizerJson, tokenizerConfig)
+    model.tokenizer = Object.keys(tokenizerJson).length > 0 ? makeTokenizer(tokenizerJson, tokenizerConfig) : noTokenizer(dir)
     return model
   }
 
@@ -219,6 +219,13 @@ const emptyPast = (v: Onnx.ValueInfo, batch: number): Tensor => {
   const dtype = DType.fromOnnx(type?.elemType ?? 1) ?? "float32"
   const dims = (type?.shape ?? []).map((d, i) => (i === 0 ? batch : d._tag === "Value" ? d.value : 0))
   return new Tensor(dtype, dims, DType.arrayFor(dtype, 0))
+}
+
+const noTokenizer = (dir: string): Tokenizer => {
+  const fail = (): never => {
+    throw new Errors.InvalidInput({ site: "", reason: `${dir} has no tokenizer.json: pass token ids instead of text` })
+  }
+  return { encode: fail, decode: fail, token: fail }
 }
 
 const makeTokenizer = (json: Record<string, unknown>, config: Record<string, unknown>): Tokenizer => {

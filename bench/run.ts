@@ -1,0 +1,134 @@
+/**
+ * Benchmarks: nnsight-ts traces against plain onnxruntime on the same model
+ * in the same process (the baseline is one whole-model session with the same
+ * thread settings), as ratios. Writes `bench/results.json`.
+ *
+ *     npm run bench                # stories260K and a GPT-2-small-sized model
+ *     npm run bench -- --quick     # stories260K only
+ */
+import { execFileSync } from "node:child_process"
+import * as fs from "node:fs"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+import * as ort from "onnxruntime-node"
+import { LanguageModel, defaultModelDir } from "../src/index.js"
+import * as Sessions from "../src/backends/Sessions.js"
+import { compare, round } from "./harness.js"
+import * as Gpt2 from "./models/gpt2.js"
+
+const here = path.dirname(fileURLToPath(import.meta.url))
+const quick = process.argv.includes("--quick")
+
+interface Row {
+  readonly name: string
+  readonly model: string
+  readonly baseline_ms: number
+  readonly traced_ms: number
+  readonly ratio: number
+  readonly [extra: string]: unknown
+}
+const results: Array<Row> = []
+
+interface Case {
+  readonly label: string
+  readonly dir: string
+  readonly layers: string
+  readonly nLayers: number
+  readonly mlp: string
+  readonly prompt: ReadonlyArray<number>
+  readonly runs: number
+}
+
+const ids = (n: number, vocab: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % vocab)
+
+const cases: Array<Case> = [
+  { label: "stories260K", dir: defaultModelDir, layers: "model.layers", nLayers: 5, mlp: "mlp", prompt: ids(64, 512), runs: 200 }
+]
+if (!quick) {
+  const dir = path.join(here, ".cache", "gpt2-small")
+  const t0 = performance.now()
+  const { generated } = await Gpt2.writeModelDir(dir, Gpt2.small, 0)
+  if (generated) console.log(`generated GPT-2-small-sized model in ${((performance.now() - t0) / 1000).toFixed(1)} s`)
+  cases.push({ label: "gpt2-small (124M, random weights)", dir, layers: "transformer.h", nLayers: 12, mlp: "mlp", prompt: ids(64, 50257), runs: 30 })
+}
+
+const at = (m: any, p: string) => p.split(".").reduce((e: any, k: string) => e[k], m)
+
+for (const c of cases) {
+  const model = await LanguageModel.load(c.dir)
+  const modelPath = path.join(c.dir, "onnx", "model.onnx")
+  const baseline = await ort.InferenceSession.create(modelPath, Sessions.sessionOptions())
+  const feeds1 = Object.fromEntries(Object.entries(model.batch([c.prompt]).feeds).map(([k, v]) => [k, v.toOrt()]))
+  const other = c.prompt.map((t, i) => (i === 3 ? (t + 1) % 500 : t))
+  const feeds2 = Object.fromEntries(Object.entries(model.batch([c.prompt, other]).feeds).map(([k, v]) => [k, v.toOrt()]))
+  const plain1 = () => baseline.run(feeds1)
+  const plain2 = () => baseline.run(feeds2)
+  const options = { runs: c.runs, warmup: Math.max(3, c.runs / 10) }
+
+  const scenarios: ReadonlyArray<readonly [string, () => Promise<unknown>, () => Promise<unknown>]> = [
+    ["(a) trace, no interventions", plain1, () => model.trace(c.prompt, (m) => ({ logits: m.output }))],
+    [
+      "(b) save every decoder layer's output",
+      plain1,
+      () =>
+        model.trace(c.prompt, (m) => ({
+          logits: m.output,
+          layers: Array.from({ length: c.nLayers }, (_, k) => at(m, c.layers)[k].output)
+        }))
+    ],
+    [
+      "(c) zero-ablate one MLP",
+      plain1,
+      () =>
+        model.trace(c.prompt, (m) => {
+          at(m, c.layers)[1][c.mlp].output.set(0)
+          return { logits: m.output }
+        })
+    ],
+    [
+      "(d) 2-invoke activation patch",
+      plain2,
+      () =>
+        model.trace((m, t) => {
+          const src = t.invoke(c.prompt, () => at(m, c.layers)[1].output.at(":", -1))
+          return t.invoke(other, () => {
+            at(m, c.layers)[1].output.setAt([":", -1], src)
+            return { logits: m.output }
+          })
+        })
+    ]
+  ]
+  for (const [name, base, traced] of scenarios) {
+    const r = await compare(base, traced, options)
+    const before = model.runtime.sessions.created()
+    await traced()
+    const newSessions = model.runtime.sessions.created() - before
+    results.push({ name, model: c.label, ...r, tokens: c.prompt.length, new_sessions_on_repeat: newSessions })
+    console.log(`${c.label.padEnd(36)} ${name.padEnd(40)} baseline ${r.baseline_ms} ms  traced ${r.traced_ms} ms  ratio ${r.ratio}  new sessions on repeat: ${newSessions}`)
+  }
+  await baseline.release()
+  await model.close()
+
+  // memory of a layer sweep, in a fresh process
+  const out = execFileSync(
+    process.execPath,
+    ["--import", "tsx", path.join(here, "sweep.ts"), c.dir, c.layers, String(c.nLayers), String(Math.min(c.prompt.length, 32))],
+    { encoding: "utf8" }
+  )
+  const sweep = JSON.parse(out.trim().split("\n").pop()!)
+  const ratio = round(sweep.max_rss_bytes / sweep.weights_bytes, 3)
+  results.push({
+    name: "layer sweep: peak resident memory / weight bytes",
+    model: c.label,
+    baseline_ms: 0,
+    traced_ms: round(sweep.elapsed_ms),
+    ratio,
+    weights_mb: round(sweep.weights_bytes / 2 ** 20, 1),
+    max_rss_mb: round(sweep.max_rss_bytes / 2 ** 20, 1),
+    sessions: sweep.sessions
+  })
+  console.log(`${c.label.padEnd(36)} layer sweep: peak RSS ${round(sweep.max_rss_bytes / 2 ** 20, 1)} MB for ${round(sweep.weights_bytes / 2 ** 20, 1)} MB of weights (${ratio}x)`)
+}
+
+fs.writeFileSync(path.join(here, "results.json"), JSON.stringify(results, null, 2) + "\n")
+console.log(`wrote ${path.join(here, "results.json")}`)

@@ -1,0 +1,34 @@
+/**
+ * A layer sweep in a fresh process: patch each decoder layer's output in turn
+ * (two invokes: a clean prompt's last position into a corrupted prompt) and
+ * report the peak resident memory against the bytes of the model's weights.
+ *
+ *     npx tsx bench/sweep.ts <model-dir> <layers-path> <n-layers> <seq>
+ */
+import { LanguageModel } from "../src/index.js"
+import * as Onnx from "../src/models/Onnx.js"
+
+const [dir, layersPath, nLayersArg, seqArg] = process.argv.slice(2)
+const model = await LanguageModel.load(dir)
+const weights = model.runtime.loaded.model.graph.initializers.reduce(
+  (a, t) => a + (t.rawData?.byteLength ?? (Onnx.tensorData(t) as ArrayLike<unknown>).length * 4),
+  0
+)
+const seq = Number(seqArg)
+const clean = Array.from({ length: seq }, (_, i) => (i * 7 + 3) % 500)
+const corrupted = clean.map((t, i) => (i === 2 ? (t + 11) % 500 : t))
+const layers = (m: any) => layersPath.split(".").reduce((e: any, p: string) => e[p], m)
+const t0 = performance.now()
+for (let k = 0; k < Number(nLayersArg); k++) {
+  await model.trace((m, t) => {
+    const src = t.invoke(clean, () => layers(m)[k].output.at(":", -1))
+    return t.invoke(corrupted, () => {
+      layers(m)[k].output.setAt([":", -1], src)
+      return { logits: m.output.at(":", -1) }
+    })
+  })
+}
+const elapsed = performance.now() - t0
+const rss = process.resourceUsage().maxRSS * 1024
+console.log(JSON.stringify({ weights_bytes: weights, max_rss_bytes: rss, sessions: model.runtime.sessions.created(), elapsed_ms: elapsed }))
+await model.close()
