@@ -123,7 +123,7 @@ const resolveHook = (
   loaded: Loaded.Loaded,
   ref: Graph.HookRef,
   site: string
-): Effect.Effect<HookSite, Errors.UnknownModule | Errors.ModuleIndexOutOfRange> =>
+): Effect.Effect<HookSite & { readonly step: number }, Errors.UnknownModule | Errors.ModuleIndexOutOfRange> =>
   Effect.gen(function*() {
     const module = loaded.tree.modules.get(ref.module)
     if (module === undefined) {
@@ -135,10 +135,13 @@ const resolveHook = (
         site
       })
     }
-    const call = module.calls[ref.call]
+    // call c of a module run k times per forward pass is its call c % k in pass c / k
+    const perPass = module.calls.length
+    const call = perPass === 0 || ref.call < 0 ? undefined : module.calls[ref.call % perPass]
     if (call === undefined) {
       return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site })
     }
+    const stepOf = Math.floor(ref.call / perPass)
     const list = ref.point === "input" ? call.inputs : call.outputs
     if (ref.index < 0 || ref.index >= list.length) {
       return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site })
@@ -147,7 +150,7 @@ const resolveHook = (
     const position = ref.point === "input" ? call.start : call.end
     // outputs before inputs; outputs innermost first, inputs outermost first
     const order = ref.point === "output" ? 1000 - depth : 2000 + depth
-    return { key: hookKey(ref), tensor: list[ref.index], position, order, start: call.start, end: call.end, point: ref.point }
+    return { key: hookKey(ref), tensor: list[ref.index], position, order, start: call.start, end: call.end, point: ref.point, step: stepOf }
   })
 
 /**
@@ -171,7 +174,7 @@ const replaceRows = (base: Tensor, value: Tensor, rows: Rows, batch: number, inv
 }
 
 /**
- * Runs a graph against a model.
+ * Runs a graph against a model: one forward pass.
  *
  * @example
  * const outcome = yield* Local.execute(runtime, request)
@@ -180,60 +183,72 @@ const replaceRows = (base: Tensor, value: Tensor, rows: Rows, batch: number, inv
  */
 export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Errors.TraceError> =>
   Effect.gen(function*() {
+    const run = yield* start(rt, req.graph, req.rows)
+    yield* run.forward(req.feeds, 0)
+    return yield* run.finish
+  })
+
+/**
+ * A graph being run over one or several forward passes (generation steps).
+ * Values flow across passes; a hook on call `c` of a module that runs `k`
+ * times per pass fires in pass `floor(c / k)`.
+ *
+ * @since 0.1.0
+ */
+export interface Run {
+  /** Runs one forward pass; gives the model's outputs as the interventions left them. */
+  readonly forward: (
+    feeds: Readonly<Record<string, Tensor>>,
+    step: number
+  ) => Effect.Effect<ReadonlyMap<string, Tensor>, Errors.TraceError>
+  /** Whether a `Stop` node ended the run. */
+  readonly stopped: () => boolean
+  /** Runs what is still runnable and gives the results. */
+  readonly finish: Effect.Effect<Outcome, Errors.TraceError>
+}
+
+/**
+ * Prepares a run of a graph: resolves every hook (typed errors for unknown
+ * modules and out-of-range calls, inputs or outputs) before anything runs.
+ *
+ * @example
+ * const run = yield* Local.start(runtime, graph, rows)
+ * const outputs = yield* run.forward(feeds, 0)
+ *
+ * @since 0.1.0
+ */
+export const start = (
+  rt: Runtime,
+  graph: Graph.Graph,
+  rows: ReadonlyArray<Rows>
+): Effect.Effect<Run, Errors.TraceError> =>
+  Effect.gen(function*() {
     const { loaded, sessions } = rt
-    const { graph, rows } = req
     const idx = loaded.index
     const n = loaded.tree.order.length
     const nodes = graph.nodes
     const batch = rows.reduce((a, r) => a + r.count, 0)
     const invokes = rows.length
-
-    // -- inputs ------------------------------------------------------------
-    const env = new Map<string, Tensor>()
     const declared = new Map(loaded.model.graph.inputs.map((v) => [v.name, v]))
-    for (const [name, t] of Object.entries(req.feeds)) {
-      const v = declared.get(name)
-      if (v === undefined) {
-        return yield* new Errors.InvalidInput({
-          site: "",
-          reason: `the model has no input "${name}"; its inputs are ${[...declared.keys()].join(", ")}`
-        })
-      }
-      const want = DType.fromOnnx(Onnx.tensorType(v)?.elemType ?? 0)
-      env.set(name, want !== undefined && want !== t.dtype ? Kernels.castTo(t, want) : t)
-    }
     const initializerNames = new Set(loaded.model.graph.initializers.map((t) => t.name))
-    const missing = loaded.model.graph.inputs.filter((v) => !env.has(v.name) && !initializerNames.has(v.name))
-    if (missing.length > 0) {
-      return yield* new Errors.InvalidInput({ site: "", reason: `missing model inputs: ${missing.map((v) => v.name).join(", ")}` })
-    }
 
-    // -- hooks, cuts, events -------------------------------------------------
-    const hookSites = new Map<string, HookSite>()
-    const cuts = new Set(loaded.canonicalCuts)
-    const pins = new Set<string>()
+    // -- hooks ---------------------------------------------------------------
+    const hookSites = new Map<string, HookSite & { readonly step: number }>()
+    const applyPins = new Set<string>()
     for (const node of nodes) {
       if (node._tag === "Hook" || node._tag === "Set") {
         const site = yield* resolveHook(loaded, node.ref, node.site)
         hookSites.set(site.key, site)
-        if (node._tag === "Set") {
-          cuts.add(site.position)
-          if (site.point === "input") cuts.add(site.end)
-        }
       }
       if (node._tag === "Apply") {
         const module = loaded.tree.modules.get(node.module)
-        const call = module?.calls[node.call]
+        const call = module?.calls[node.call % Math.max(1, module?.calls.length ?? 1)]
         if (module === undefined || call === undefined) {
           return yield* new Errors.UnknownModule({ path: "", name: node.module, available: [], site: node.site })
         }
-        call.inputs.slice(node.args.length).forEach((t) => pins.add(t))
+        call.inputs.slice(node.args.length).forEach((t) => applyPins.add(t))
       }
     }
-    const bounds = [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
-    const events = [...hookSites.values()].sort((a, b) => a.position - b.position || a.order - b.order)
-    const readTensors = new Set(events.map((e) => e.tensor))
-    for (const e of events) pins.add(e.tensor)
 
     // -- node bookkeeping ----------------------------------------------------
     const values = new Map<number, Val>()
@@ -246,7 +261,6 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
     for (const node of nodes) {
       if (node._tag === "Hook" || node._tag === "Set") hookUsers.set(hookKey(node.ref), (hookUsers.get(hookKey(node.ref)) ?? 0) + 1)
     }
-    const overrides: Array<{ start: number; end: number; tensor: string; value: Tensor }> = []
     // a read waits for the sets recorded before it on the same hook
     const setsBefore = new Map<number, ReadonlyArray<number>>()
     const setsSoFar = new Map<string, Array<number>>()
@@ -258,7 +272,9 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
       }
     }
     let stopped: Graph.Node | undefined
-    let position = 0
+    // state of the current forward pass
+    let env = new Map<string, Tensor>()
+    let overrides: Array<{ start: number; end: number; tensor: string; value: Tensor }> = []
 
     const release = (id: number) => {
       if (--uses[id] <= 0 && !resultIds.has(id)) values.delete(id)
@@ -269,11 +285,9 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
       hookUsers.set(key, left)
       if (left <= 0) snapshots.delete(key)
     }
-    const asTensor = (id: number, v: Val, site: string): Tensor => {
+    const asTensor = (v: Val): Tensor => {
       if (v instanceof Tensor) return v
       if (Array.isArray(v)) return (v as ReadonlyArray<Tensor>)[0]
-      void id
-      void site
       return typeof v === "boolean" ? new Tensor("bool", [], Uint8Array.of(v ? 1 : 0)) : new Tensor("float32", [], Float32Array.of(v as number))
     }
     const fail = (site: string, e: unknown): Errors.TraceError => {
@@ -289,12 +303,12 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
       const dtypeArgs = node.op === "Where" ? tensorArgs.filter((_, k) => !(raw[0] instanceof Tensor && k === 0)) : tensorArgs
       const target = dtypeArgs.length > 0 ? Kernels.promote(dtypeArgs.map((t) => t.dtype)) : undefined
       return raw.map((v, k) => {
-        if (node.op === "Where" && k === 0) return v instanceof Tensor ? Kernels.castTo(v, "bool") : asTensor(-1, v, node.site)
+        if (node.op === "Where" && k === 0) return v instanceof Tensor ? Kernels.castTo(v, "bool") : asTensor(v)
         if (Array.isArray(v)) return (v as ReadonlyArray<Tensor>)[0]
         if (v instanceof Tensor) return Ops.broadcasting.has(node.op) || node.op === "MatMul" || node.op === "Concat" ? Kernels.castTo(v, target ?? v.dtype) : v
         const scalar = v as Scalar
         const dtype = target ?? (typeof scalar === "boolean" ? "bool" : "float32")
-        return Kernels.castTo(asTensor(-1, scalar, node.site), dtype)
+        return Kernels.castTo(asTensor(scalar), dtype)
       })
     }
 
@@ -312,7 +326,8 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
 
     const applyModule = (node: Graph.Node & { _tag: "Apply" }) =>
       Effect.gen(function*() {
-        const call = loaded.tree.modules.get(node.module)!.calls[node.call]
+        const module = loaded.tree.modules.get(node.module)!
+        const call = module.calls[node.call % module.calls.length]
         const seg0 = Segments.segment(idx, call.start, call.end)
         const seg: Segments.Segment = { ...seg0, outputs: [call.outputs[0]] }
         const session = yield* sessions.get(`apply:${call.start}:${call.end}:${call.outputs[0]}`, () =>
@@ -324,7 +339,7 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
           let t: Tensor | undefined
           if (k >= 0 && k < node.args.length) {
             const want = DType.fromOnnx(idx.types.get(name) ?? 0)
-            const v = asTensor(node.args[k], values.get(node.args[k])!, node.site)
+            const v = asTensor(values.get(node.args[k])!)
             t = want !== undefined ? Kernels.castTo(v, want) : v
           } else t = env.get(name)
           if (t === undefined) {
@@ -365,13 +380,13 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
             const snap = snapshots.get(key)
             if (snap === undefined || !ready([node.value])) return false
             const site = hookSites.get(key)!
-            const value = asTensor(node.value, values.get(node.value)!, node.site)
+            const value = asTensor(values.get(node.value)!)
             const replaced = yield* Effect.try({
               try: () => replaceRows(snap, value, rows[node.ref.invoke], batch, invokes),
               catch: (e) =>
                 new Errors.InvalidValue({
                   site: node.site,
-                  reason: `cannot set ${node.ref.module}.${node.ref.point}: ${e instanceof Error ? e.message : String(e)}`
+                  reason: `cannot set ${node.ref.module || "the model"}.${node.ref.point}: ${e instanceof Error ? e.message : String(e)}`
                 })
             })
             snapshots.set(key, replaced)
@@ -422,92 +437,133 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
       }
     })
 
-    const valueAt = (tensor: string, site: HookSite): Tensor | undefined => {
-      for (let k = overrides.length - 1; k >= 0; k--) {
-        const o = overrides[k]
-        if (o.tensor === tensor && site.position >= o.start && site.position < o.end) return o.value
-      }
-      return env.get(tensor)
-    }
-
-    let nextEvent = 0
-    const fireUpTo = (pos: number) =>
+    const forward = (feeds: Readonly<Record<string, Tensor>>, stepIndex: number) =>
       Effect.gen(function*() {
-        while (nextEvent < events.length && events[nextEvent].position <= pos && stopped === undefined) {
-          const e = events[nextEvent++]
-          const t = valueAt(e.tensor, e)
-          if (t !== undefined) snapshots.set(e.key, t)
-          yield* runReady
-        }
-        // a set at this point must have been applied before the forward goes on
-        for (const id of pending) {
-          const node = nodes[id]
-          if (node._tag !== "Set" || stopped !== undefined) continue
-          const site = hookSites.get(hookKey(node.ref))!
-          if (site.position <= pos && snapshots.has(site.key)) {
-            return yield* new Errors.OutOfOrder({
-              site: node.site,
-              reason: `this set on ${node.ref.module || "the model"}.${node.ref.point} needs a value that is only computed later in the forward pass`
+        env = new Map()
+        overrides = []
+        for (const [name, t] of Object.entries(feeds)) {
+          const v = declared.get(name)
+          if (v === undefined) {
+            return yield* new Errors.InvalidInput({
+              site: "",
+              reason: `the model has no input "${name}"; its inputs are ${[...declared.keys()].join(", ")}`
             })
           }
+          const want = DType.fromOnnx(Onnx.tensorType(v)?.elemType ?? 0)
+          env.set(name, want !== undefined && want !== t.dtype ? Kernels.castTo(t, want) : t)
         }
-      })
+        const missing = loaded.model.graph.inputs.filter((v) => !env.has(v.name) && !initializerNames.has(v.name))
+        if (missing.length > 0) {
+          return yield* new Errors.InvalidInput({ site: "", reason: `missing model inputs: ${missing.map((v) => v.name).join(", ")}` })
+        }
 
-    // -- the forward pass ------------------------------------------------------
-    yield* runReady
-    yield* fireUpTo(0)
-    for (let k = 0; k + 1 < bounds.length && stopped === undefined; k++) {
-      const [start, end] = [bounds[k], bounds[k + 1]]
-      position = start
-      const extra = [...readTensors].filter((t) => {
-        const p = idx.producer.get(t)
-        return p !== undefined && idx.position[p] >= start && idx.position[p] < end
-      })
-      const { seg, key } = plan(loaded, start, end, extra)
-      const session = yield* sessions.get(key, () => Onnx.encode(Segments.toModel(idx, seg))).pipe(
-        Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
-      )
-      const feeds: Record<string, ort.Tensor> = {}
-      for (const name of seg.inputs) {
-        let t = env.get(name)
-        for (const o of overrides) if (o.tensor === name && start >= o.start && end <= o.end) t = o.value
-        if (t === undefined) return yield* new Errors.ExecutionError({ site: "", reason: `internal: tensor "${name}" was dropped too early` })
-        feeds[name] = t.toOrt()
-      }
-      const out = yield* Sessions.run(session, feeds, seg.outputs).pipe(
-        Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
-      )
-      for (const name of seg.outputs) env.set(name, wrapOrt(out[name]))
-      yield* fireUpTo(end)
-      // drop forward tensors nothing later needs
-      for (const name of [...env.keys()]) {
-        if ((idx.lastUse.get(name) ?? -1) < end && !pins.has(name) && !idx.graphOutputs.has(name)) env.delete(name)
-      }
-      for (const e of events.slice(0, nextEvent)) {
-        if ((hookUsers.get(e.key) ?? 0) <= 0) pins.delete(e.tensor)
-      }
-    }
-    void position
-    if (stopped === undefined) yield* runReady
+        // cuts and events of this pass
+        const cuts = new Set(loaded.canonicalCuts)
+        const here = [...hookSites.values()].filter((h) => h.step === stepIndex)
+        for (const node of nodes) {
+          if (node._tag !== "Set" || !pending.has(node.id)) continue
+          const site = hookSites.get(hookKey(node.ref))!
+          if (site.step !== stepIndex) continue
+          cuts.add(site.position)
+          if (site.point === "input") cuts.add(site.end)
+        }
+        const bounds = [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
+        const events = here.sort((a, b) => a.position - b.position || a.order - b.order)
+        const readTensors = new Set(events.map((e) => e.tensor))
+        const pins = new Set([...applyPins, ...readTensors])
 
-    // -- results -------------------------------------------------------------
-    const out = new Map<number, Tensor>()
-    const unavailable = new Map<number, Errors.Unavailable>()
-    for (const id of resultIds) {
-      const v = values.get(id)
-      if (v !== undefined && done.has(id)) out.set(id, asTensor(id, v, nodes[id].site))
-      else {
-        unavailable.set(
-          id,
-          new Errors.Unavailable({
-            site: nodes[id].site,
-            reason:
-              stopped !== undefined
-                ? `the trace stopped early${stopped.site === "" ? "" : ` (at ${stopped.site})`} before it was computed`
-                : "the forward pass never reached the module it reads"
+        const valueAt = (tensor: string, site: HookSite): Tensor | undefined => {
+          for (let k = overrides.length - 1; k >= 0; k--) {
+            const o = overrides[k]
+            if (o.tensor === tensor && site.position >= o.start && site.position < o.end) return o.value
+          }
+          return env.get(tensor)
+        }
+        let nextEvent = 0
+        const fireUpTo = (pos: number) =>
+          Effect.gen(function*() {
+            while (nextEvent < events.length && events[nextEvent].position <= pos && stopped === undefined) {
+              const e = events[nextEvent++]
+              const t = valueAt(e.tensor, e)
+              if (t !== undefined) snapshots.set(e.key, t)
+              yield* runReady
+            }
+            // a set at this point must have been applied before the forward goes on
+            for (const id of pending) {
+              const node = nodes[id]
+              if (node._tag !== "Set" || stopped !== undefined) continue
+              const site = hookSites.get(hookKey(node.ref))!
+              if (site.step === stepIndex && site.position <= pos && snapshots.has(site.key)) {
+                return yield* new Errors.OutOfOrder({
+                  site: node.site,
+                  reason: `this set on ${node.ref.module || "the model"}.${node.ref.point} needs a value that is only computed later in the forward pass`
+                })
+              }
+            }
           })
-        )
+
+        yield* runReady
+        yield* fireUpTo(0)
+        for (let k = 0; k + 1 < bounds.length && stopped === undefined; k++) {
+          const [segStart, segEnd] = [bounds[k], bounds[k + 1]]
+          const extra = [...readTensors].filter((t) => {
+            const p = idx.producer.get(t)
+            return p !== undefined && idx.position[p] >= segStart && idx.position[p] < segEnd
+          })
+          const { seg, key } = plan(loaded, segStart, segEnd, extra)
+          const session = yield* sessions.get(key, () => Onnx.encode(Segments.toModel(idx, seg))).pipe(
+            Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
+          )
+          const segFeeds: Record<string, ort.Tensor> = {}
+          for (const name of seg.inputs) {
+            let t = env.get(name)
+            for (const o of overrides) if (o.tensor === name && segStart >= o.start && segEnd <= o.end) t = o.value
+            if (t === undefined) {
+              return yield* new Errors.ExecutionError({ site: "", reason: `internal: tensor "${name}" was dropped too early` })
+            }
+            segFeeds[name] = t.toOrt()
+          }
+          const out = yield* Sessions.run(session, segFeeds, seg.outputs).pipe(
+            Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
+          )
+          for (const name of seg.outputs) env.set(name, wrapOrt(out[name]))
+          yield* fireUpTo(segEnd)
+          // drop forward tensors nothing later needs
+          for (const name of [...env.keys()]) {
+            if ((idx.lastUse.get(name) ?? -1) < segEnd && !pins.has(name) && !idx.graphOutputs.has(name)) env.delete(name)
+          }
+        }
+        const outputs = new Map<string, Tensor>()
+        for (const o of loaded.model.graph.outputs) {
+          const t = env.get(o.name)
+          if (t !== undefined) outputs.set(o.name, t)
+        }
+        return outputs as ReadonlyMap<string, Tensor>
+      })
+
+    const finish = Effect.gen(function*() {
+      if (stopped === undefined) yield* runReady
+      const out = new Map<number, Tensor>()
+      const unavailable = new Map<number, Errors.Unavailable>()
+      for (const id of resultIds) {
+        const v = values.get(id)
+        if (v !== undefined && done.has(id)) out.set(id, asTensor(v))
+        else {
+          unavailable.set(
+            id,
+            new Errors.Unavailable({
+              site: nodes[id].site,
+              reason:
+                stopped !== undefined
+                  ? `the trace stopped early${stopped.site === "" ? "" : ` (at ${stopped.site})`} before it was computed`
+                  : "the forward pass never reached the module it reads"
+            })
+          )
+        }
       }
-    }
-    return { values: out, unavailable }
+      env = new Map()
+      return { values: out, unavailable } as Outcome
+    })
+
+    return { forward, stopped: () => stopped !== undefined, finish }
   })
