@@ -203,6 +203,8 @@ export interface Run {
   ) => Effect.Effect<ReadonlyMap<string, Tensor>, Errors.TraceError>
   /** Whether a `Stop` node ended the run. */
   readonly stopped: () => boolean
+  /** Gives the generated token ids (for `Generated` nodes), once generation ended. */
+  readonly complete: (tokens: Tensor) => Effect.Effect<void, Errors.TraceError>
   /** Runs what is still runnable and gives the results. */
   readonly finish: Effect.Effect<Outcome, Errors.TraceError>
 }
@@ -272,6 +274,7 @@ export const start = (
       }
     }
     let stopped: Graph.Node | undefined
+    let generated: Tensor | undefined
     // state of the current forward pass
     let env = new Map<string, Tensor>()
     let overrides: Array<{ start: number; end: number; tensor: string; value: Tensor }> = []
@@ -417,6 +420,11 @@ export const start = (
             stopped = node
             return true
           }
+          case "Generated": {
+            if (generated === undefined) return false
+            values.set(node.id, narrow(generated, rows[node.invoke], batch, invokes))
+            return true
+          }
         }
       })
 
@@ -541,6 +549,15 @@ export const start = (
         return outputs as ReadonlyMap<string, Tensor>
       })
 
+    const complete = (tokens: Tensor) =>
+      Effect.gen(function*() {
+        generated = tokens
+        const wasStopped = stopped
+        stopped = undefined
+        yield* runReady
+        stopped = stopped ?? wasStopped
+      })
+
     const finish = Effect.gen(function*() {
       if (stopped === undefined) yield* runReady
       const out = new Map<number, Tensor>()
@@ -565,5 +582,5 @@ export const start = (
       return { values: out, unavailable } as Outcome
     })
 
-    return { forward, stopped: () => stopped !== undefined, finish }
+    return { forward, stopped: () => stopped !== undefined, complete, finish }
   })

@@ -138,11 +138,19 @@ export const Param = Schema.TaggedStruct("Param", {
 export const Stop = Schema.TaggedStruct("Stop", { id: Schema.Number, site: Site })
 
 /**
+ * The token ids a generation produced (prompt included), for an invoke's rows
+ * (nnsight's `model.generator.output`).
+ *
+ * @since 0.1.0
+ */
+export const Generated = Schema.TaggedStruct("Generated", { id: Schema.Number, site: Site, invoke: Schema.Number })
+
+/**
  * Any node.
  *
  * @since 0.1.0
  */
-export const Node = Schema.Union([Hook, Constant, Scalar, Op, Set, Apply, Param, Stop])
+export const Node = Schema.Union([Hook, Constant, Scalar, Op, Set, Apply, Param, Stop, Generated])
 
 /**
  * @since 0.1.0
@@ -223,6 +231,7 @@ export const dependencies = (node: Node): ReadonlyArray<number> => {
     case "Scalar":
     case "Param":
     case "Stop":
+    case "Generated":
       return []
     case "Op":
     case "Apply":
@@ -280,6 +289,8 @@ export const label = (node: Node): string => {
       return `%${node.id} = ${node.module === "" ? "" : node.module + "."}${node.name}`
     case "Stop":
       return `%${node.id} = stop`
+    case "Generated":
+      return `%${node.id} = generator.output${node.invoke === 0 ? "" : `#${node.invoke}`}`
   }
 }
 

@@ -50,22 +50,57 @@ export class Recorder {
   readonly nodes: Array<Graph.Node> = []
   invoke = 0
   invokes = 0
-  private readonly iteration = new Map<string, number>()
-  constructor(readonly root: ModuleInfo) {}
+  /** The generation step hooks address (moved by `t.next()`, `t.all()`, `iter`). */
+  step = 0
+  private readonly local = new Map<string, number>()
+  /**
+   * While replaying a callback (for `t.all()`), nodes recorded before
+   * `replayUntil` are the first pass's nodes: `push` hands back their ids.
+   */
+  replayUntil = 0
+  private cursor = 0
+
+  constructor(
+    readonly root: ModuleInfo,
+    /** Forward passes the run will make (generation steps); 1 for a trace. */
+    readonly steps: number = 1
+  ) {}
 
   push(body: NodeBody, site: string = Site.here()): number {
+    if (this.cursor < this.replayUntil) return this.cursor++
     const id = this.nodes.length
     this.nodes.push({ ...body, id, site } as Graph.Node)
+    this.cursor = id + 1
     return id
   }
 
-  /** Which call of a module the next `.input`/`.output` reads (advanced by `.next()`). */
-  callOf(path: string): number {
-    return this.iteration.get(path) ?? 0
+  /** Whether `push` is handing back first-pass nodes now. */
+  replaying(): boolean {
+    return this.cursor < this.replayUntil
+  }
+
+  /** Starts replaying the callback from its first node. */
+  replay(until: number): void {
+    this.replayUntil = until
+    this.cursor = 0
+    this.local.clear()
+    this.step = 0
+    this.invoke = 0
+  }
+
+  /** Which call of a module the next `.input`/`.output` reads: its call in the current step, moved by `.next()`. */
+  callOf(module: ModuleInfo): number {
+    return this.step * Math.max(1, module.calls.length) + (this.local.get(module.path) ?? 0)
   }
 
   advance(path: string): void {
-    this.iteration.set(path, this.callOf(path) + 1)
+    this.local.set(path, (this.local.get(path) ?? 0) + 1)
+  }
+
+  /** Moves every module to the next generation step. */
+  nextStep(): void {
+    this.step++
+    this.local.clear()
   }
 
   operand(value: Operand, site: string): number {
@@ -372,8 +407,12 @@ export interface EnvoyMembers {
   call(...args: ReadonlyArray<Operand>): TensorProxy
   /** The i-th child of a ModuleList (negative from the end). */
   at(i: number): Envoy
-  /** Moves to the module's next call (for modules called several times). */
+  /** Moves to the module's next call (the next generation step, or the next of several calls in one pass). */
   next(): Envoy
+  /** Records `fn` once for every generation step; gives the list of what it returns. */
+  all<R>(fn: (step: number) => R): ReadonlyArray<R>
+  /** Records `fn` for the given steps (a list, or `{ start, stop }` with `stop` excluded). */
+  iter<R>(steps: ReadonlyArray<number> | { readonly start?: number; readonly stop?: number }, fn: (step: number) => R): ReadonlyArray<R>
   /** The module's dotted path. */
   readonly path: string
   /** The module's `weight` parameter, in PyTorch's layout (e.g. `[out, in]` for Linear). */
@@ -392,7 +431,7 @@ export interface EnvoyMembers {
  */
 export type Envoy = EnvoyMembers & { readonly [child: string]: Envoy }
 
-const members = new Set(["output", "input", "inputs", "outputs", "call", "at", "next", "path", "then", "param"])
+const members = new Set(["output", "input", "inputs", "outputs", "call", "at", "next", "all", "iter", "path", "then", "param"])
 
 /**
  * Makes the envoy of a module.
@@ -404,14 +443,15 @@ export const envoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
   const params = new Map(module.parameters.map((p) => [p.name, p]))
   const isList = module.children.length > 0 && module.children.every((c) => /^\d+$/.test(c.name))
   const callInfo = () => {
-    const call = recorder.callOf(module.path)
-    const info = module.calls[call]
+    const call = recorder.callOf(module)
+    const perPass = Math.max(1, module.calls.length)
+    const info = Math.floor(call / perPass) < recorder.steps ? module.calls[call % perPass] : undefined
     if (info === undefined) {
       throw new Errors.ModuleIndexOutOfRange({
         path: module.path,
         what: "call",
         index: call,
-        size: module.calls.length,
+        size: module.calls.length * recorder.steps,
         site: Site.here()
       })
     }
@@ -473,6 +513,8 @@ export const envoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
       recorder.advance(module.path)
       return proxy
     },
+    all: (fn) => eachStep(recorder, range(0, recorder.steps), fn),
+    iter: (steps, fn) => eachStep(recorder, stepList(steps, recorder.steps), fn),
     path: module.path,
     get weight() {
       return byName.has("weight") ? (child("weight") as unknown as TensorProxy) : param("weight")
@@ -520,6 +562,39 @@ export interface Context<I> {
   cat(items: ReadonlyArray<Operand>, axis?: number): TensorProxy
   /** A constant tensor in the graph. */
   constant(value: Operand): TensorProxy
+  /** Moves every module to the next generation step. */
+  next(): void
+  /**
+   * With a callback: records it once per generation step and gives the list
+   * of what it returns. Without: everything recorded after this call applies
+   * to every step, and values it returns come back as lists (one per step).
+   */
+  all(): void
+  all<R>(fn: (step: number) => R): ReadonlyArray<R>
+  /** Records `fn` for the given steps and gives the list of what it returns. */
+  iter<R>(steps: ReadonlyArray<number> | { readonly start?: number; readonly stop?: number }, fn: (step: number) => R): ReadonlyArray<R>
+}
+
+const range = (start: number, stop: number): ReadonlyArray<number> => Array.from({ length: Math.max(0, stop - start) }, (_, i) => start + i)
+
+const stepList = (
+  steps: ReadonlyArray<number> | { readonly start?: number; readonly stop?: number },
+  total: number
+): ReadonlyArray<number> => (Array.isArray(steps) ? steps : range((steps as { start?: number }).start ?? 0, (steps as { stop?: number }).stop ?? total))
+
+const eachStep = <R>(recorder: Recorder, steps: ReadonlyArray<number>, fn: (step: number) => R): ReadonlyArray<R> => {
+  const saved = recorder.step
+  try {
+    return steps.map((s) => {
+      if (s < 0 || s >= recorder.steps) {
+        throw new Errors.ModuleIndexOutOfRange({ path: "", what: "step", index: s, size: recorder.steps, site: Site.here() })
+      }
+      recorder.step = s
+      return fn(s)
+    })
+  } finally {
+    recorder.step = saved
+  }
 }
 
 /**
@@ -544,15 +619,28 @@ export interface Recording<I> {
 export const record = <I, R>(
   root: ModuleInfo,
   fn: (m: Envoy, t: Context<I>) => R,
-  options: { readonly input?: I; readonly hasInput: boolean }
-): Recording<I> => {
-  const recorder = new Recorder(root)
-  const inputs: Array<I> = []
-  let inInvoke = false
-  if (options.hasInput) {
-    inputs.push(options.input as I)
-    recorder.invokes = 1
+  options: {
+    readonly input?: I
+    readonly hasInput: boolean
+    /** Generation steps (forward passes); default 1. */
+    readonly steps?: number
+    /** Extra members of the root envoy (e.g. `generator`). */
+    readonly extend?: (recorder: Recorder) => Record<string, unknown>
   }
+): Recording<I> => {
+  const recorder = new Recorder(root, options.steps ?? 1)
+  let inputs: Array<I> = []
+  let inInvoke = false
+  let allFrom: number | undefined
+  const begin = () => {
+    inputs = []
+    recorder.invokes = 0
+    if (options.hasInput) {
+      inputs.push(options.input as I)
+      recorder.invokes = 1
+    }
+  }
+  begin()
   const t: Context<I> = {
     invoke: (input, body) => {
       if (inInvoke) throw new Errors.InvalidInput({ site: Site.here(), reason: "invokes cannot be nested" })
@@ -578,15 +666,59 @@ export const record = <I, R>(
       recorder.push({ _tag: "Stop" })
     },
     cat: (items, axis = 0) => recorder.op("Concat", items, { axis }),
-    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here()))
+    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here())),
+    next: () => recorder.nextStep(),
+    all: ((body?: (step: number) => unknown) => {
+      if (body !== undefined) return eachStep(recorder, range(0, recorder.steps), body)
+      if (allFrom === undefined) allFrom = recorder.nodes.length
+      // in a replay, this is where recording for the replayed step starts
+      if (replayStep > 0) {
+        recorder.replayUntil = 0
+        recorder.step = replayStep
+      }
+      return undefined
+    }) as Context<I>["all"],
+    iter: (steps, body) => eachStep(recorder, stepList(steps, recorder.steps), body)
   }
-  const m = envoy(recorder, root)
+  const root$ = envoy(recorder, root)
+  const extra = options.extend?.(recorder) ?? {}
+  const m = Object.keys(extra).length === 0 ? root$ : new Proxy(root$, { get: (target, key) => (typeof key === "string" && key in extra ? extra[key] : (target as any)[key]) })
+  let replayStep = 0
   const returned = fn(m, t)
   if (inputs.length === 0) {
     throw new Errors.InvalidInput({ site: Site.here(), reason: "the trace has no input: pass one to trace() or call t.invoke(input, ...)" })
   }
-  const result = toResult(recorder, returned)
+  let result = toResult(recorder, returned)
+  // t.all() without a callback: record what follows it again for every later step
+  if (allFrom !== undefined && recorder.steps > 1) {
+    const firstPass = allFrom
+    const perStep: Array<Graph.Result> = [result]
+    for (replayStep = 1; replayStep < recorder.steps; replayStep++) {
+      recorder.replay(firstPass)
+      begin()
+      perStep.push(toResult(recorder, fn(m, t)))
+    }
+    replayStep = 0
+    result = mergeSteps(perStep)
+  }
   return { graph: { nodes: recorder.nodes, invokes: inputs.length, result }, inputs }
+}
+
+/** Results of replayed passes: equal leaves stay single, differing ones become per-step lists. */
+const mergeSteps = (results: ReadonlyArray<Graph.Result>): Graph.Result => {
+  const [first] = results
+  if (results.every((r) => JSON.stringify(r) === JSON.stringify(first))) return first
+  if (first._tag === "Record" && results.every((r) => r._tag === "Record")) {
+    const fields: Record<string, Graph.Result> = {}
+    for (const k of Object.keys(first.fields)) {
+      fields[k] = mergeSteps(results.map((r) => (r as typeof first).fields[k] ?? { _tag: "Value", value: null }))
+    }
+    return { _tag: "Record", fields }
+  }
+  if (first._tag === "List" && results.every((r) => r._tag === "List" && r.items.length === first.items.length)) {
+    return { _tag: "List", items: first.items.map((_, i) => mergeSteps(results.map((r) => (r as typeof first).items[i]))) }
+  }
+  return { _tag: "List", items: [...results] }
 }
 
 const toResult = (recorder: Recorder, value: unknown): Graph.Result => {

@@ -22,7 +22,23 @@ import * as Errors from "../core/Errors.js"
 import { Tensor } from "../core/Tensor.js"
 import { Backend } from "../backends/Backend.js"
 import * as Onnx from "./Onnx.js"
-import { type Batch, type LoadOptions as BaseLoadOptions, TracedModel } from "./NNsight.js"
+import * as Generate from "../backends/Generate.js"
+import * as Tracer from "../core/Tracer.js"
+import { type Batch, type LoadOptions as BaseLoadOptions, materialize, runPromise, TracedModel } from "./NNsight.js"
+
+/**
+ * Options of {@link LanguageModel.generate}.
+ *
+ * @since 0.1.0
+ */
+export type GenerateOptions = Generate.Options
+
+/**
+ * The root envoy in a generation: the model's modules, plus `generator`.
+ *
+ * @since 0.1.0
+ */
+export type GenerateEnvoy = Tracer.Envoy & { readonly generator: { readonly output: Tracer.TensorProxy } }
 
 /**
  * What a language model takes as input: a prompt, several prompts (one batch
@@ -132,6 +148,77 @@ export class LanguageModel extends TracedModel<Prompt> {
     model.generationConfig = generationConfig
     model.tokenizer = Object.keys(tokenizerJson).length > 0 ? makeTokenizer(tokenizerJson, tokenizerConfig) : noTokenizer(dir)
     return model
+  }
+
+  /**
+   * Generates tokens with interventions. Step `s` of generation is call `s`
+   * of every module: reads and sets address the first step unless moved by
+   * `t.next()` / `envoy.next()`, or repeated by `t.all()` / `envoy.all(fn)` /
+   * `envoy.iter(steps, fn)` (whose values come back as lists, one per step).
+   * `m.generator.output` is the token ids, prompt included.
+   *
+   * @example
+   * const { tokens, hidden } = await model.generate(prompt, { maxNewTokens: 3 }, (m, t) => ({
+   *   tokens: m.generator.output,
+   *   hidden: t.all(() => m.model.layers[4].output.at(":", -1)) // one per step
+   * }))
+   *
+   * @since 0.1.0
+   */
+  generate(input: Prompt, options: GenerateOptions): Promise<Tensor>
+  generate<R>(input: Prompt, options: GenerateOptions, fn: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => R): Promise<Tracer.Saved<R>>
+  generate(input: Prompt, options: GenerateOptions, fn?: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => unknown): Promise<unknown> {
+    return runPromise(this.effect$generate(input, options, fn))
+  }
+
+  /** {@link generate} as an Effect. */
+  effect$generate<R>(
+    input: Prompt,
+    options: GenerateOptions,
+    fn?: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => R
+  ): Effect.Effect<Tracer.Saved<R> | Tensor, Errors.TraceError> {
+    const self = this
+    return Effect.gen(function*() {
+      const body = fn ?? ((m: GenerateEnvoy) => m.generator.output)
+      const recording = yield* Effect.try({
+        try: () =>
+          Tracer.record(self.runtime.loaded.tree.root, body as (m: Tracer.Envoy, t: Tracer.Context<Prompt>) => R, {
+            input,
+            hasInput: true,
+            steps: options.maxNewTokens,
+            extend: (recorder) => {
+              // one node per invoke, also when t.all() records the callback again
+              const ids = new Map<number, number>()
+              return {
+                generator: {
+                  get output() {
+                    let id = ids.get(recorder.invoke)
+                    if (id === undefined || recorder.replaying()) {
+                      id = recorder.push({ _tag: "Generated", invoke: recorder.invoke })
+                      ids.set(recorder.invoke, id)
+                    }
+                    return new Tracer.TensorProxy(recorder, id)
+                  }
+                }
+              }
+            }
+          }),
+        catch: (e) => (Errors.isTraceError(e) ? e : new Errors.InvalidInput({ site: "", reason: e instanceof Error ? e.message : String(e) }))
+      })
+      const batch = yield* self.prepare(recording.inputs)
+      const { outcome } = yield* Generate.run(self.runtime, { graph: recording.graph, ...batch }, {
+        eosTokenId: self.eosTokenIds,
+        padTokenId: self.padTokenId,
+        ...options
+      })
+      return materialize(recording.graph.result, outcome) as Tracer.Saved<R>
+    })
+  }
+
+  /** End-of-sequence ids from `generation_config.json` or `config.json`. */
+  get eosTokenIds(): ReadonlyArray<number> {
+    const e = (this.generationConfig.eos_token_id ?? this.config.eos_token_id) as number | ReadonlyArray<number> | undefined
+    return e === undefined ? [] : typeof e === "number" ? [e] : e
   }
 
   /** The id used to pad rows: `pad_token_id`, else `eos_token_id`, else 0. */
