@@ -102,6 +102,19 @@ const readJson = async (p: string): Promise<Record<string, unknown>> =>
  * @since 0.1.0
  */
 export class LanguageModel extends TracedModel<Prompt> {
+  /** The Effect forms of the methods, with typed errors. */
+  declare readonly effect: TracedModel<Prompt>["effect"] & {
+    /** {@link LanguageModel.generate} as an Effect. */
+    readonly generate: {
+      (input: Prompt, options: GenerateOptions): Effect.Effect<Tensor, Errors.TraceError>
+      <R>(
+        input: Prompt,
+        options: GenerateOptions,
+        fn: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => R
+      ): Effect.Effect<Tracer.Saved<R>, Errors.TraceError>
+    }
+  }
+
   /** The tokenizer. */
   tokenizer!: Tokenizer
   /** `config.json`. */
@@ -144,6 +157,7 @@ export class LanguageModel extends TracedModel<Prompt> {
       typeNames: options.typeNames ?? ((p, inferred) => (p === "" && architecture ? architecture : inferred))
     })
     const model = new LanguageModel(runtime, scope, options.backend ?? Backend.local)
+    Object.assign(model.effect, { generate: model.generateEffect.bind(model) })
     model.config = config
     model.generationConfig = generationConfig
     model.tokenizer = Object.keys(tokenizerJson).length > 0 ? makeTokenizer(tokenizerJson, tokenizerConfig) : noTokenizer(dir)
@@ -168,11 +182,10 @@ export class LanguageModel extends TracedModel<Prompt> {
   generate(input: Prompt, options: GenerateOptions): Promise<Tensor>
   generate<R>(input: Prompt, options: GenerateOptions, fn: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => R): Promise<Tracer.Saved<R>>
   generate(input: Prompt, options: GenerateOptions, fn?: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => unknown): Promise<unknown> {
-    return runPromise(this.effect$generate(input, options, fn))
+    return runPromise(this.generateEffect(input, options, fn))
   }
 
-  /** {@link generate} as an Effect. */
-  effect$generate<R>(
+  private generateEffect<R>(
     input: Prompt,
     options: GenerateOptions,
     fn?: (m: GenerateEnvoy, t: Tracer.Context<Prompt>) => R

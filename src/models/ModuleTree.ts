@@ -10,9 +10,10 @@
  *   `forward` touched them; shape-only tensors (derived from `Shape` and
  *   constants alone) come last. So `inputs[0]` is the main activation: the
  *   residual stream of a decoder layer, not its cos/sin or mask.
- * - **outputs** are the tensors it produces that nodes outside it consume,
- *   in production order, then those that are only graph outputs (KV-cache
- *   `present` tensors), then shape-only tensors. So `outputs[0]` continues the
+ * - **outputs** are the tensors it produces that only nodes outside it
+ *   consume, in production order; then those that are only graph outputs
+ *   (KV-cache `present` tensors); then those it also uses itself (shared
+ *   intermediates); shape-only tensors last. So `outputs[0]` continues the
  *   forward path, as `module.output[0]` does in PyTorch.
  *
  * Nodes without a scope (exporter `Constant`s and `Identity`s) belong to the
@@ -330,13 +331,18 @@ export const build = (graph: GraphLike, options: Options = {}): Tree => {
     }
     const consumedOutside: Array<string> = []
     const onlyGraphOutput: Array<string> = []
+    const alsoInside: Array<string> = []
     for (const i of byOriginal) {
       for (const t of nodes[i].outputs) {
         if (t === "") continue
-        if ((consumers.get(t) ?? []).some((c) => !inside.has(c))) consumedOutside.push(t)
+        const uses = consumers.get(t) ?? []
+        if (uses.some((c) => !inside.has(c))) (uses.some((c) => inside.has(c)) ? alsoInside : consumedOutside).push(t)
         else if (graphOutputs.has(t)) onlyGraphOutput.push(t)
       }
     }
+    // a tensor the module still uses itself is an intermediate the exporter
+    // shared (a cast of the input, rotary cos/sin), not what it returns
+    onlyGraphOutput.push(...alsoInside)
     const shapeOnlyLast = (list: ReadonlyArray<string>) => [
       ...list.filter((t) => !shapeOnly.has(t)),
       ...list.filter((t) => shapeOnly.has(t))
@@ -382,7 +388,9 @@ export const build = (graph: GraphLike, options: Options = {}): Tree => {
 export const find = (tree: Tree, path: string): Module | undefined => tree.modules.get(path)
 
 /**
- * Every module in PyTorch's `named_modules()` order (pre-order), root excluded.
+ * Every module path, pre-order, children in the order the forward pass first
+ * calls them (PyTorch's `named_modules()` uses registration order, which ONNX
+ * does not keep), root excluded.
  *
  * @since 0.1.0
  */

@@ -1013,13 +1013,44 @@ export const fromTensorProto = (t: Onnx.TensorProto, opType = "initializer"): Fa
   const shape = t.dims.map(Number)
   const size = shape.reduce((a, b) => a * b, 1)
   if (size > maxValueSize || dtype === "string" || t.dataLocation === "EXTERNAL") return { dtype, shape }
+  const value = smallData(t, dtype, size)
+  return value === undefined ? { dtype, shape } : fake(dtype, shape, value)
+}
+
+/** The elements of a small tensor as numbers (read straight from its bytes; no copy of the tensor). */
+const smallData = (t: Onnx.TensorProto, dtype: DType.DType, size: number): Array<Dim> | undefined => {
+  const raw = t.rawData
+  if (raw !== undefined) {
+    const width = DType.byteSize(dtype)
+    if (raw.byteLength !== size * width) return undefined
+    const view = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
+    const out: Array<Dim> = new Array(size)
+    for (let k = 0; k < size; k++) {
+      const o = k * width
+      switch (dtype) {
+        case "float32": out[k] = view.getFloat32(o, true); break
+        case "float64": out[k] = view.getFloat64(o, true); break
+        case "int64": out[k] = Number(view.getBigInt64(o, true)); break
+        case "uint64": out[k] = Number(view.getBigUint64(o, true)); break
+        case "int32": out[k] = view.getInt32(o, true); break
+        case "uint32": out[k] = view.getUint32(o, true); break
+        case "int16": out[k] = view.getInt16(o, true); break
+        case "uint16": out[k] = view.getUint16(o, true); break
+        case "int8": out[k] = view.getInt8(o); break
+        case "uint8": out[k] = view.getUint8(o); break
+        case "bool": out[k] = view.getUint8(o) !== 0 ? 1 : 0; break
+        default: return undefined // float16: not needed for shapes
+      }
+    }
+    return out
+  }
   try {
     const data = Onnx.tensorData(t) as ArrayLike<number | bigint>
-    const value: Array<Dim> = []
-    for (let k = 0; k < data.length; k++) value.push(Number(data[k]))
-    return fake(dtype, shape, value)
+    const out: Array<Dim> = []
+    for (let k = 0; k < data.length; k++) out.push(Number(data[k]))
+    return out
   } catch {
-    return { dtype, shape }
+    return undefined
   }
 }
 
