@@ -30,6 +30,8 @@ export * as Segments from "./models/Segments.js"
 export * as Loaded from "./models/Loaded.js"
 export * as Sessions from "./backends/Sessions.js"
 export * as Local from "./backends/Local.js"
+export * as Hub from "./models/Hub.js"
+export * as Generate from "./backends/Generate.js"
 
 /**
  * The embedded default model's folder (stories260K, a tiny trained Llama).

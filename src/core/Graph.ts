@@ -166,6 +166,7 @@ export type Result =
   | { readonly _tag: "Ref"; readonly id: number }
   | { readonly _tag: "Record"; readonly fields: { readonly [k: string]: Result } }
   | { readonly _tag: "List"; readonly items: ReadonlyArray<Result> }
+  | { readonly _tag: "Steps"; readonly items: ReadonlyArray<Result> }
   | { readonly _tag: "Value"; readonly value: Schema.Json }
 
 /**
@@ -177,6 +178,8 @@ export const Result: Schema.Codec<Result> = Schema.Union([
   Schema.TaggedStruct("Ref", { id: Schema.Number }),
   Schema.TaggedStruct("Record", { fields: Schema.Record(Schema.String, Schema.suspend(() => Result)) }),
   Schema.TaggedStruct("List", { items: Schema.Array(Schema.suspend(() => Result)) }),
+  // one item per generation step; steps that did not run are left out
+  Schema.TaggedStruct("Steps", { items: Schema.Array(Schema.suspend(() => Result)) }),
   Schema.TaggedStruct("Value", { value: Schema.Json })
 ])
 
@@ -253,6 +256,7 @@ export const resultRefs = (result: Result): ReadonlyArray<number> => {
     case "Record":
       return Object.values(result.fields).flatMap(resultRefs)
     case "List":
+    case "Steps":
       return result.items.flatMap(resultRefs)
     case "Value":
       return []

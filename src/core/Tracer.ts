@@ -582,16 +582,21 @@ const stepList = (
   total: number
 ): ReadonlyArray<number> => (Array.isArray(steps) ? steps : range((steps as { start?: number }).start ?? 0, (steps as { stop?: number }).stop ?? total))
 
+/** Marks arrays that hold one value per generation step. */
+const perStep = Symbol.for("nnsight-ts/perStep")
+
 const eachStep = <R>(recorder: Recorder, steps: ReadonlyArray<number>, fn: (step: number) => R): ReadonlyArray<R> => {
   const saved = recorder.step
   try {
-    return steps.map((s) => {
+    const out = steps.map((s) => {
       if (s < 0 || s >= recorder.steps) {
         throw new Errors.ModuleIndexOutOfRange({ path: "", what: "step", index: s, size: recorder.steps, site: Site.here() })
       }
       recorder.step = s
       return fn(s)
     })
+    Object.defineProperty(out, perStep, { value: true })
+    return out
   } finally {
     recorder.step = saved
   }
@@ -718,13 +723,15 @@ const mergeSteps = (results: ReadonlyArray<Graph.Result>): Graph.Result => {
   if (first._tag === "List" && results.every((r) => r._tag === "List" && r.items.length === first.items.length)) {
     return { _tag: "List", items: first.items.map((_, i) => mergeSteps(results.map((r) => (r as typeof first).items[i]))) }
   }
-  return { _tag: "List", items: [...results] }
+  return { _tag: "Steps", items: [...results] }
 }
 
 const toResult = (recorder: Recorder, value: unknown): Graph.Result => {
   if (value instanceof TensorProxy) return { _tag: "Ref", id: recorder.operand(value, "") }
   if (value instanceof Tensor) return { _tag: "Ref", id: recorder.operand(value, "") }
-  if (Array.isArray(value)) return { _tag: "List", items: value.map((v) => toResult(recorder, v)) }
+  if (Array.isArray(value)) {
+    return { _tag: perStep in value ? "Steps" : "List", items: value.map((v) => toResult(recorder, v)) }
+  }
   if (value !== null && typeof value === "object") {
     const fields: Record<string, Graph.Result> = {}
     for (const [k, v] of Object.entries(value)) fields[k] = toResult(recorder, v)

@@ -21,6 +21,7 @@ import * as DType from "../core/DType.js"
 import * as Errors from "../core/Errors.js"
 import { Tensor } from "../core/Tensor.js"
 import { Backend } from "../backends/Backend.js"
+import * as Hub from "./Hub.js"
 import * as Onnx from "./Onnx.js"
 import * as Generate from "../backends/Generate.js"
 import * as Tracer from "../core/Tracer.js"
@@ -73,6 +74,8 @@ export interface Tokenizer {
  * @since 0.1.0
  */
 export interface LoadOptions extends BaseLoadOptions {
+  /** Where and how to download a Hugging Face hub repository (when `load` is given a repo id). */
+  readonly hub?: Hub.Options
   /** Which ONNX file: `"default"` (model.onnx), `"quantized"`, `"fp16"`, or a path relative to the model folder. */
   readonly variant?: "default" | "quantized" | "fp16" | (string & {})
 }
@@ -124,15 +127,19 @@ export class LanguageModel extends TracedModel<Prompt> {
 
   /**
    * Loads a model folder (`config.json`, `tokenizer.json`,
-   * `tokenizer_config.json`, and the ONNX file in `onnx/` or the root).
+   * `tokenizer_config.json`, and the ONNX file in `onnx/` or the root), or
+   * a Hugging Face hub repository id (`"org/name"`), downloaded into the
+   * cache first (see `Hub.download`).
    *
    * @example
    * const model = await LanguageModel.load("models/stories260K")
    *
    * @since 0.1.0
    */
-  static async load(dir: string, options: LoadOptions = {}): Promise<LanguageModel> {
+  static async load(dirOrRepo: string, options: LoadOptions = {}): Promise<LanguageModel> {
     const variant = options.variant ?? "default"
+    const isDir = await fs.stat(dirOrRepo).then((s) => s.isDirectory(), () => false)
+    const dir = isDir ? dirOrRepo : await Hub.downloadPromise(dirOrRepo, { ...options.hub, variant: options.hub?.variant ?? variant })
     let file: string | undefined
     if (variant.endsWith(".onnx")) file = path.join(dir, variant)
     else {

@@ -16,7 +16,7 @@ import * as fs from "node:fs/promises"
 import { Cause, Effect, Exit, Option, Scope } from "effect"
 import * as DType from "../core/DType.js"
 import * as Errors from "../core/Errors.js"
-import type * as Graph from "../core/Graph.js"
+import * as Graph from "../core/Graph.js"
 import { Tensor } from "../core/Tensor.js"
 import * as Tracer from "../core/Tracer.js"
 import { Backend } from "../backends/Backend.js"
@@ -326,6 +326,11 @@ export const materialize = (result: Graph.Result, outcome: Local.Outcome): unkno
     }
     case "List":
       return result.items.map((r) => materialize(r, outcome))
+    case "Steps": {
+      // the steps that ran: a generation that ended early has fewer
+      const ran = result.items.findIndex((r) => Graph.resultRefs(r).some((id) => !outcome.values.has(id)))
+      return (ran === -1 ? result.items : result.items.slice(0, ran)).map((r) => materialize(r, outcome))
+    }
     case "Record": {
       const out: Record<string, unknown> = {}
       for (const [k, r] of Object.entries(result.fields)) {

@@ -405,6 +405,26 @@ export const parseDim = (text: string): Dim => {
 }
 
 /**
+ * Substitutes values for symbols (numbers or dims); symbols without a
+ * binding, and opaque atoms, stay.
+ *
+ * @example
+ * Shapes.substitute(Shapes.parseDim("p+s"), { p: 0, s: 7 }) // 7
+ *
+ * @since 0.1.0
+ */
+export const substitute = (d: Dim, bindings: Readonly<Record<string, Dim>>): Dim => {
+  if (typeof d === "number") return d
+  let acc: Dim = 0
+  for (const t of d.terms) {
+    let term: Dim = t.coef
+    for (const a of t.atoms) term = mul(term, Object.prototype.hasOwnProperty.call(bindings, a) ? bindings[a] : symbol(a))
+    acc = add(acc, term)
+  }
+  return acc
+}
+
+/**
  * Turns a number, a symbol name or an expression text into a dim.
  *
  * @since 0.1.0
