@@ -45,7 +45,7 @@ const cases: Array<Case> = [
   { label: "stories260K", dir: defaultModelDir, layers: "model.layers", nLayers: 5, mlp: "mlp", prompt: ids(64, 512), runs: 200 }
 ]
 if (!quick) {
-  const dir = path.join(here, ".cache", "gpt2-small")
+  const dir = path.join(here, ".cache", "gpt2-small-seed0")
   const t0 = performance.now()
   const { generated } = await Gpt2.writeModelDir(dir, Gpt2.small, 0)
   if (generated) console.log(`generated GPT-2-small-sized model in ${((performance.now() - t0) / 1000).toFixed(1)} s`)
