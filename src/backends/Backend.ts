@@ -6,7 +6,7 @@
  *
  * @example
  * import { Backend } from "nnsight-ts"
- * const recording = Layer.succeed(Backend.Backend, Backend.Backend.of({
+ * const recording = Layer.succeed(Backend, Backend.of({
  *   execute: (req) => Effect.sync(() => { seen.push(req.graph); return { values: new Map(), unavailable: new Map() } })
  * }))
  * await Effect.runPromise(model.effect.trace(x, fn).pipe(Effect.provide(recording)))

@@ -254,6 +254,35 @@ export const assign = (base: Tensor, items: ReadonlyArray<Index.Item>, value: Te
 
 const setIndex = (args: ReadonlyArray<Tensor>, attrs: Attrs): Tensor => assign(args[0], decodeItems(attrs.items), args[1])
 
+/** The shape two shapes broadcast to (NumPy rules). */
+const broadcastShape = (a: ReadonlyArray<number>, b: ReadonlyArray<number>): ReadonlyArray<number> => {
+  const rank = Math.max(a.length, b.length)
+  return Array.from({ length: rank }, (_, i) => {
+    const x = a[a.length - rank + i] ?? 1
+    const y = b[b.length - rank + i] ?? 1
+    if (x !== y && x !== 1 && y !== 1) throw new KernelError(`shapes [${a}] and [${b}] do not broadcast`)
+    return Math.max(x, y)
+  })
+}
+
+/** Python's `%`: the result takes the divisor's sign (ONNX's Mod cannot, for floats). */
+const pythonMod = (a: Tensor, b: Tensor): Tensor => {
+  const shape = broadcastShape(a.shape, b.shape)
+  const x = broadcastTo(a, shape, a.dtype) as ArrayLike<number | bigint>
+  const y = broadcastTo(b, shape, a.dtype) as ArrayLike<number | bigint>
+  const out = DType.arrayFor(a.dtype, x.length) as unknown as Array<number | bigint>
+  for (let i = 0; i < x.length; i++) {
+    if (typeof x[i] === "bigint") {
+      const [p, q] = [x[i] as bigint, y[i] as bigint]
+      out[i] = ((p % q) + q) % q
+    } else {
+      const [p, q] = [x[i] as number, y[i] as number]
+      out[i] = p - Math.floor(p / q) * q
+    }
+  }
+  return new Tensor(a.dtype, shape, out as unknown as DType.ArrayOf[typeof a.dtype])
+}
+
 /**
  * The transpose of a matrix (PyTorch's `t()`), copied.
  *
@@ -288,6 +317,7 @@ export const table = {
   Mul: onnx("Mul"),
   Div: onnx("Div"),
   Pow: onnx("Pow"),
+  Mod: js((args) => pythonMod(args[0], args[1])),
   Neg: onnx("Neg"),
   Abs: onnx("Abs"),
   Exp: onnx("Exp"),

@@ -38,6 +38,7 @@ import * as Onnx from "../models/Onnx.js"
 import * as Segments from "../models/Segments.js"
 import * as Kernels from "./Kernels.js"
 import * as Sessions from "./Sessions.js"
+import * as Values from "./Values.js"
 
 /**
  * A loaded model with its session cache.
@@ -68,6 +69,8 @@ export interface Request {
   readonly graph: Graph.Graph
   readonly feeds: Readonly<Record<string, Tensor>>
   readonly rows: ReadonlyArray<Rows>
+  /** Local functions the graph's `Call` nodes use (absent remotely). */
+  readonly functions?: ReadonlyArray<(...args: ReadonlyArray<never>) => unknown>
 }
 
 /**
@@ -77,12 +80,12 @@ export interface Request {
  * @since 0.1.0
  */
 export interface Outcome {
-  readonly values: ReadonlyMap<number, Tensor>
+  readonly values: ReadonlyMap<number, Values.Val>
   readonly unavailable: ReadonlyMap<number, Errors.Unavailable>
 }
 
 type Scalar = number | boolean
-type Val = Tensor | ReadonlyArray<Tensor> | Scalar
+type Val = Values.Val
 
 /** Where and when a hook point fires. */
 interface HookSite {
@@ -183,7 +186,7 @@ const replaceRows = (base: Tensor, value: Tensor, rows: Rows, batch: number, inv
  */
 export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Errors.TraceError> =>
   Effect.gen(function*() {
-    const run = yield* start(rt, req.graph, req.rows)
+    const run = yield* start(rt, req.graph, req.rows, { functions: req.functions as Options["functions"] })
     yield* run.forward(req.feeds, 0)
     return yield* run.finish
   })
@@ -195,6 +198,19 @@ export const execute = (rt: Runtime, req: Request): Effect.Effect<Outcome, Error
  *
  * @since 0.1.0
  */
+/**
+ * What a run gets from around it: values of nodes outside its graph (a
+ * session's), node ids to keep for later, local functions, a log sink.
+ *
+ * @since 0.1.0
+ */
+export interface Options {
+  readonly externals?: ReadonlyMap<number, Values.Val>
+  readonly keep?: ReadonlySet<number>
+  readonly functions?: ReadonlyArray<(...args: ReadonlyArray<unknown>) => unknown>
+  readonly log?: (...args: ReadonlyArray<unknown>) => void
+}
+
 export interface Run {
   /** Runs one forward pass; gives the model's outputs as the interventions left them. */
   readonly forward: (
@@ -222,13 +238,31 @@ export interface Run {
 export const start = (
   rt: Runtime,
   graph: Graph.Graph,
-  rows: ReadonlyArray<Rows>
+  rows: ReadonlyArray<Rows>,
+  options: Options = {}
 ): Effect.Effect<Run, Errors.TraceError> =>
   Effect.gen(function*() {
     const { loaded, sessions } = rt
     const idx = loaded.index
     const n = loaded.tree.order.length
-    const nodes = graph.nodes
+    // nested bodies (conditions) are flattened; a node runs once its guard decided for its branch
+    const nodes = Graph.flatten(graph.nodes)
+    const byId = new Map(nodes.map((nd) => [nd.id, nd]))
+    const guard = new Map<number, { readonly cond: number; readonly branch: boolean }>()
+    for (const nd of nodes) {
+      if (nd._tag === "Cond") {
+        for (const c of nd.then) guard.set(c.id, { cond: nd.id, branch: true })
+        for (const c of nd.otherwise) guard.set(c.id, { cond: nd.id, branch: false })
+      }
+      if (nd._tag === "Iter" || nd._tag === "Trace") {
+        return yield* new Errors.InvalidValue({
+          site: nd.site,
+          reason: nd._tag === "Iter" ? "a loop cannot run inside a forward pass: loop over traces in a session, or over steps with t.all / envoy.iter" : "a trace cannot run inside another trace"
+        })
+      }
+    }
+    const decisions = new Map<number, boolean>()
+    const skipped = new Set<number>()
     const batch = rows.reduce((a, r) => a + r.count, 0)
     const invokes = rows.length
     const declared = new Map(loaded.model.graph.inputs.map((v) => [v.name, v]))
@@ -253,11 +287,11 @@ export const start = (
     }
 
     // -- node bookkeeping ----------------------------------------------------
-    const values = new Map<number, Val>()
-    const done = new Set<number>()
-    const uses = new Int32Array(nodes.length)
-    const resultIds = new Set(Graph.resultRefs(graph.result))
-    for (const node of nodes) for (const d of Graph.dependencies(node)) uses[d]++
+    const values = new Map<number, Val>(options.externals ?? [])
+    const done = new Set<number>(options.externals?.keys() ?? [])
+    const uses = new Map<number, number>()
+    const resultIds = new Set([...Graph.resultRefs(graph.result), ...(options.keep ?? [])])
+    for (const node of nodes) for (const d of Graph.dependencies(node)) uses.set(d, (uses.get(d) ?? 0) + 1)
     const snapshots = new Map<string, Tensor>()
     const hookUsers = new Map<string, number>()
     for (const node of nodes) {
@@ -280,7 +314,9 @@ export const start = (
     let overrides: Array<{ start: number; end: number; tensor: string; value: Tensor }> = []
 
     const release = (id: number) => {
-      if (--uses[id] <= 0 && !resultIds.has(id)) values.delete(id)
+      const left = (uses.get(id) ?? 0) - 1
+      uses.set(id, left)
+      if (left <= 0 && !resultIds.has(id) && !options.externals?.has(id)) values.delete(id)
     }
     const hookDone = (ref: Graph.HookRef) => {
       const key = hookKey(ref)
@@ -416,10 +452,63 @@ export const start = (
             return true
           }
           case "Stop": {
-            for (let k = 0; k < node.id; k++) if (!done.has(k)) return false
+            for (const other of nodes) if (other.id < node.id && !done.has(other.id)) return false
             stopped = node
             return true
           }
+          case "Value":
+            values.set(node.id, Values.fromJson(node.value))
+            return true
+          case "ListNew":
+            if (!ready(node.items)) return false
+            values.set(node.id, new Values.List(node.items.map((i) => values.get(i)!)))
+            node.items.forEach(release)
+            return true
+          case "DictNew":
+            values.set(node.id, new Values.Dict())
+            return true
+          case "Append": {
+            if (!ready([node.target, node.value])) return false
+            const target = values.get(node.target)
+            const value = values.get(node.value)!
+            if (target instanceof Values.List && node.key === null) target.items.push(value)
+            else if (target instanceof Values.Dict && node.key !== null) target.entries.set(node.key, value)
+            else return yield* new Errors.InvalidValue({ site: node.site, reason: node.key === null ? "append needs a list" : "setting a key needs a dict" })
+            values.set(node.id, true)
+            release(node.value)
+            return true
+          }
+          case "Call": {
+            if (!ready(node.args)) return false
+            const fn = options.functions?.[node.fn]
+            if (fn === undefined) {
+              return yield* new Errors.InvalidValue({ site: node.site, reason: "this graph calls a local function that is not available here" })
+            }
+            const out = yield* Effect.try({
+              try: () => Values.fromUser(fn(...node.args.map((a) => Values.toUser(values.get(a)!)))),
+              catch: (e) => fail(node.site, e)
+            })
+            values.set(node.id, out)
+            node.args.forEach(release)
+            return true
+          }
+          case "Log": {
+            if (!ready(node.args)) return false
+            ;(options.log ?? console.log)(...node.args.map((a) => Values.toUser(values.get(a)!)))
+            values.set(node.id, true)
+            node.args.forEach(release)
+            return true
+          }
+          case "Cond": {
+            if (!ready([node.predicate])) return false
+            decisions.set(node.id, Values.truthy(values.get(node.predicate)!))
+            values.set(node.id, decisions.get(node.id)!)
+            release(node.predicate)
+            return true
+          }
+          case "Iter":
+          case "Trace":
+            return false
           case "Generated": {
             if (generated === undefined) return false
             values.set(node.id, narrow(generated, rows[node.invoke], batch, invokes))
@@ -428,17 +517,34 @@ export const start = (
         }
       })
 
-    const pending = new Set(nodes.map((nd) => nd.id))
+    const pending = new Set(nodes.map((nd) => nd.id).filter((id) => !done.has(id)))
     const runReady = Effect.gen(function*() {
       let progress = true
       while (progress && stopped === undefined) {
         progress = false
         for (const id of pending) {
           if (stopped !== undefined) break
-          if (yield* step(nodes[id])) {
+          const node = byId.get(id)!
+          const g = guard.get(id)
+          let state: "run" | "wait" | "dead" = "run"
+          if (g !== undefined) {
+            const d = decisions.get(g.cond)
+            state = skipped.has(g.cond) ? "dead" : d === undefined ? "wait" : d === g.branch ? "run" : "dead"
+          }
+          if (state === "dead" || Graph.dependencies(node).some((d) => skipped.has(d))) {
+            // an untaken branch, or a value that needs one: never runs
+            skipped.add(id)
             pending.delete(id)
             done.add(id)
-            if (uses[id] <= 0 && !resultIds.has(id)) values.delete(id)
+            if (node._tag === "Hook" || node._tag === "Set") hookDone(node.ref)
+            progress = true
+            continue
+          }
+          if (state === "wait") continue
+          if (yield* step(node)) {
+            pending.delete(id)
+            done.add(id)
+            if ((uses.get(id) ?? 0) <= 0 && !resultIds.has(id)) values.delete(id)
             progress = true
           }
         }
@@ -498,7 +604,7 @@ export const start = (
             }
             // a set at this point must have been applied before the forward goes on
             for (const id of pending) {
-              const node = nodes[id]
+              const node = byId.get(id)!
               if (node._tag !== "Set" || stopped !== undefined) continue
               const site = hookSites.get(hookKey(node.ref))!
               if (site.step === stepIndex && site.position <= pos && snapshots.has(site.key)) {
@@ -560,16 +666,16 @@ export const start = (
 
     const finish = Effect.gen(function*() {
       if (stopped === undefined) yield* runReady
-      const out = new Map<number, Tensor>()
+      const out = new Map<number, Values.Val>()
       const unavailable = new Map<number, Errors.Unavailable>()
       for (const id of resultIds) {
         const v = values.get(id)
-        if (v !== undefined && done.has(id)) out.set(id, asTensor(v))
+        if (v !== undefined && done.has(id)) out.set(id, v)
         else {
           unavailable.set(
             id,
             new Errors.Unavailable({
-              site: nodes[id].site,
+              site: byId.get(id)?.site ?? "",
               reason:
                 stopped !== undefined
                   ? `the trace stopped early${stopped.site === "" ? "" : ` (at ${stopped.site})`} before it was computed`

@@ -146,16 +146,205 @@ export const Stop = Schema.TaggedStruct("Stop", { id: Schema.Number, site: Site 
 export const Generated = Schema.TaggedStruct("Generated", { id: Schema.Number, site: Site, invoke: Schema.Number })
 
 /**
+ * A JSON value living in the graph: a number, string, list... (nnsight's
+ * builtins), e.g. a prompt, a loop's items, a counter.
+ *
+ * @since 0.1.0
+ */
+export const Value = Schema.TaggedStruct("Value", { id: Schema.Number, site: Site, value: Schema.Json })
+
+/**
+ * A new mutable list (`s.list()`), with initial items.
+ *
+ * @since 0.1.0
+ */
+export const ListNew = Schema.TaggedStruct("ListNew", { id: Schema.Number, site: Site, items: Schema.Array(Schema.Number) })
+
+/**
+ * A new mutable dictionary (`s.dict()`).
+ *
+ * @since 0.1.0
+ */
+export const DictNew = Schema.TaggedStruct("DictNew", { id: Schema.Number, site: Site })
+
+/**
+ * Appends a value to a list (`list.append(x)`); a dictionary entry when `key` is set.
+ *
+ * @since 0.1.0
+ */
+export const Append = Schema.TaggedStruct("Append", {
+  id: Schema.Number,
+  site: Site,
+  target: Schema.Number,
+  value: Schema.Number,
+  key: Schema.NullOr(Schema.String)
+})
+
+/**
+ * Runs a local TypeScript function on values (`apply(fn, ...args)`); `fn`
+ * indexes the recording's function table, which never crosses the wire.
+ *
+ * @since 0.1.0
+ */
+export const Call = Schema.TaggedStruct("Call", { id: Schema.Number, site: Site, fn: Schema.Number, args: Schema.Array(Schema.Number) })
+
+/**
+ * Prints values when the graph runs (`log(...)`).
+ *
+ * @since 0.1.0
+ */
+export const Log = Schema.TaggedStruct("Log", { id: Schema.Number, site: Site, args: Schema.Array(Schema.Number) })
+
+/**
+ * Runs `then` when the predicate holds (a true JS value, or a tensor whose
+ * elements are all true), else `otherwise`.
+ *
+ * @since 0.1.0
+ */
+export interface Cond {
+  readonly _tag: "Cond"
+  readonly id: number
+  readonly site: string
+  readonly predicate: number
+  readonly then: ReadonlyArray<Node>
+  readonly otherwise: ReadonlyArray<Node>
+}
+
+/**
+ * Runs `body` once per item of `over` (a list, or a tensor's rows); inside
+ * the body, the node `id` is the current item. `Stop` in the body ends the loop.
+ *
+ * @since 0.1.0
+ */
+export interface Iter {
+  readonly _tag: "Iter"
+  readonly id: number
+  readonly site: string
+  readonly over: number
+  readonly body: ReadonlyArray<Node>
+}
+
+/**
+ * A trace inside a session: one forward pass of the model over the inputs of
+ * its invokes (node ids), with `body` interleaved. `steps` > 1 makes it a generation.
+ *
+ * @since 0.1.0
+ */
+export interface Trace {
+  readonly _tag: "Trace"
+  readonly id: number
+  readonly site: string
+  readonly inputs: ReadonlyArray<number>
+  readonly steps: number
+  readonly options: Schema.Json
+  readonly body: ReadonlyArray<Node>
+}
+
+const Cond: Schema.Codec<Cond> = Schema.TaggedStruct("Cond", {
+  id: Schema.Number,
+  site: Site,
+  predicate: Schema.Number,
+  then: Schema.Array(Schema.suspend((): Schema.Codec<Node> => Node)),
+  otherwise: Schema.Array(Schema.suspend((): Schema.Codec<Node> => Node))
+})
+
+const Iter: Schema.Codec<Iter> = Schema.TaggedStruct("Iter", {
+  id: Schema.Number,
+  site: Site,
+  over: Schema.Number,
+  body: Schema.Array(Schema.suspend((): Schema.Codec<Node> => Node))
+})
+
+const Trace: Schema.Codec<Trace> = Schema.TaggedStruct("Trace", {
+  id: Schema.Number,
+  site: Site,
+  inputs: Schema.Array(Schema.Number),
+  steps: Schema.Number,
+  options: Schema.Json,
+  body: Schema.Array(Schema.suspend((): Schema.Codec<Node> => Node))
+})
+
+/**
  * Any node.
  *
  * @since 0.1.0
  */
-export const Node = Schema.Union([Hook, Constant, Scalar, Op, Set, Apply, Param, Stop, Generated])
+export type Node =
+  | typeof Hook.Type
+  | typeof Constant.Type
+  | typeof Scalar.Type
+  | typeof Op.Type
+  | typeof Set.Type
+  | typeof Apply.Type
+  | typeof Param.Type
+  | typeof Stop.Type
+  | typeof Generated.Type
+  | typeof Value.Type
+  | typeof ListNew.Type
+  | typeof DictNew.Type
+  | typeof Append.Type
+  | typeof Call.Type
+  | typeof Log.Type
+  | Cond
+  | Iter
+  | Trace
 
 /**
+ * Schema of {@link Node}.
+ *
  * @since 0.1.0
  */
-export type Node = typeof Node.Type
+export const Node: Schema.Codec<Node> = Schema.Union([
+  Hook,
+  Constant,
+  Scalar,
+  Op,
+  Set,
+  Apply,
+  Param,
+  Stop,
+  Generated,
+  Value,
+  ListNew,
+  DictNew,
+  Append,
+  Call,
+  Log,
+  Cond,
+  Iter,
+  Trace
+])
+
+/**
+ * Every node of a node list, nested bodies included, in order.
+ *
+ * @example
+ * Graph.flatten(graph.nodes).length
+ *
+ * @since 0.1.0
+ */
+export const flatten = (nodes: ReadonlyArray<Node>): ReadonlyArray<Node> => {
+  const out: Array<Node> = []
+  const walk = (list: ReadonlyArray<Node>) => {
+    for (const n of list) {
+      out.push(n)
+      switch (n._tag) {
+        case "Cond":
+          walk(n.then)
+          walk(n.otherwise)
+          break
+        case "Iter":
+        case "Trace":
+          walk(n.body)
+          break
+        default:
+          break
+      }
+    }
+  }
+  walk(nodes)
+  return out
+}
 
 /**
  * What a trace returns, with node references where values will be.
@@ -188,16 +377,22 @@ export const Result: Schema.Codec<Result> = Schema.Union([
  *
  * @since 0.1.0
  */
-export const Graph = Schema.Struct({
+export interface Graph {
+  readonly nodes: ReadonlyArray<Node>
+  readonly invokes: number
+  readonly result: Result
+}
+
+/**
+ * Schema of {@link Graph}.
+ *
+ * @since 0.1.0
+ */
+export const Graph: Schema.Codec<Graph> = Schema.Struct({
   nodes: Schema.Array(Node),
   invokes: Schema.Number,
   result: Result
 })
-
-/**
- * @since 0.1.0
- */
-export type Graph = typeof Graph.Type
 
 /**
  * The graph as JSON-safe data.
@@ -235,12 +430,26 @@ export const dependencies = (node: Node): ReadonlyArray<number> => {
     case "Param":
     case "Stop":
     case "Generated":
+    case "Value":
+    case "DictNew":
       return []
     case "Op":
     case "Apply":
+    case "Call":
+    case "Log":
       return node.args
     case "Set":
       return [node.value]
+    case "ListNew":
+      return node.items
+    case "Append":
+      return [node.target, node.value]
+    case "Cond":
+      return [node.predicate]
+    case "Iter":
+      return [node.over]
+    case "Trace":
+      return node.inputs
   }
 }
 
@@ -295,6 +504,24 @@ export const label = (node: Node): string => {
       return `%${node.id} = stop`
     case "Generated":
       return `%${node.id} = generator.output${node.invoke === 0 ? "" : `#${node.invoke}`}`
+    case "Value":
+      return `%${node.id} = ${JSON.stringify(node.value)}`
+    case "ListNew":
+      return `%${node.id} = list(${node.items.map((x) => `%${x}`).join(", ")})`
+    case "DictNew":
+      return `%${node.id} = dict()`
+    case "Append":
+      return `%${node.id} = %${node.target}${node.key === null ? ".append" : `[${JSON.stringify(node.key)}] =`}(%${node.value})`
+    case "Call":
+      return `%${node.id} = apply(fn#${node.fn}${node.args.map((x) => `, %${x}`).join("")})`
+    case "Log":
+      return `%${node.id} = log(${node.args.map((x) => `%${x}`).join(", ")})`
+    case "Cond":
+      return `%${node.id} = if %${node.predicate}`
+    case "Iter":
+      return `%${node.id} = for %${node.id} in %${node.over}`
+    case "Trace":
+      return `%${node.id} = trace(${node.inputs.map((x) => `%${x}`).join(", ")})${node.steps > 1 ? ` x${node.steps} steps` : ""}`
   }
 }
 
@@ -309,10 +536,21 @@ export const label = (node: Node): string => {
  * @since 0.1.0
  */
 export const format = (graph: Graph): string => {
-  const lines = graph.nodes.map((n) => {
-    const l = label(n)
-    return n.site === "" ? l : `${l.padEnd(48)} at ${n.site}`
-  })
+  const lines: Array<string> = []
+  const walk = (list: ReadonlyArray<Node>, indent: string) => {
+    for (const n of list) {
+      const l = indent + label(n)
+      lines.push(n.site === "" ? l : `${l.padEnd(48)} at ${n.site}`)
+      if (n._tag === "Cond") {
+        walk(n.then, indent + "  ")
+        if (n.otherwise.length > 0) {
+          lines.push(`${indent}else`)
+          walk(n.otherwise, indent + "  ")
+        }
+      } else if (n._tag === "Iter" || n._tag === "Trace") walk(n.body, indent + "  ")
+    }
+  }
+  walk(graph.nodes, "")
   const refs = resultRefs(graph.result)
   lines.push(`return ${refs.map((r) => `%${r}`).join(", ")}`)
   return lines.join("\n")

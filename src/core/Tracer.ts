@@ -39,7 +39,7 @@ type NodeBody = Graph.Node extends infer N ? (N extends Graph.Node ? Omit<N, "id
  *
  * @since 0.1.0
  */
-export type Operand = TensorProxy | number | boolean | Tensor | ReadonlyArray<unknown>
+export type Operand = TensorProxy | number | boolean | string | null | Tensor | ReadonlyArray<unknown>
 
 /**
  * The recording state of one trace.
@@ -66,11 +66,52 @@ export class Recorder {
     readonly steps: number = 1
   ) {}
 
+  /** The next node id (ids are global across nested bodies). */
+  nextId = 0
+  /** The node lists being recorded into: the graph's, then nested bodies. */
+  private readonly lists: Array<Array<Graph.Node>> = [this.nodes]
+  /** Functions of `apply(fn, ...)`, referenced by index from `Call` nodes. */
+  readonly functions: Array<(...args: ReadonlyArray<never>) => unknown> = []
+  /** Whether nodes are being recorded inside a trace (not at session level). */
+  inTrace = true
+
   push(body: NodeBody, site: string = Site.here()): number {
     if (this.cursor < this.replayUntil) return this.cursor++
-    const id = this.nodes.length
-    this.nodes.push({ ...body, id, site } as Graph.Node)
+    const id = this.nextId++
+    this.lists[this.lists.length - 1].push({ ...body, id, site } as Graph.Node)
     this.cursor = id + 1
+    return id
+  }
+
+  /** Records `fn` into a new node list (a nested body) and returns it. */
+  block(fn: () => void): Array<Graph.Node> {
+    const list: Array<Graph.Node> = []
+    this.lists.push(list)
+    try {
+      fn()
+    } finally {
+      this.lists.pop()
+    }
+    return list
+  }
+
+  /**
+   * Records a node with nested bodies: its id comes before its bodies' ids,
+   * its place in the current list is kept while the bodies are recorded.
+   */
+  nested(make: (id: number) => Graph.Node, bodies: () => void): number {
+    if (this.cursor < this.replayUntil) {
+      const id = this.cursor++
+      bodies()
+      return id
+    }
+    const id = this.nextId++
+    const list = this.lists[this.lists.length - 1]
+    const at = list.length
+    list.push(undefined as unknown as Graph.Node)
+    this.cursor = id + 1
+    bodies()
+    list[at] = make(id)
     return id
   }
 
@@ -110,9 +151,60 @@ export class Recorder {
       }
       return value.id
     }
+    // JSON has no Infinity, NaN or -0: such numbers travel as 0-d tensors
+    if (typeof value === "number" && (!Number.isFinite(value) || Object.is(value, -0))) {
+      return this.push({ _tag: "Constant", value: Literal.fromTensor(new Tensor("float32", [], Float32Array.of(value))) }, site)
+    }
     if (typeof value === "number" || typeof value === "boolean") return this.push({ _tag: "Scalar", value }, site)
+    if (typeof value === "string" || value === null) return this.push({ _tag: "Value", value }, site)
+    if (Array.isArray(value) && (value.some((v) => v instanceof TensorProxy || v instanceof Tensor) || (!this.inTrace && !isJson(value)))) {
+      return this.list(value as ReadonlyArray<Operand>).id
+    }
+    if (Array.isArray(value) && !this.inTrace) return this.push({ _tag: "Value", value: value as never }, site)
     const tensor = value instanceof Tensor ? value : Tensor.from(value as TensorInput)
     return this.push({ _tag: "Constant", value: Literal.fromTensor(tensor) }, site)
+  }
+
+  /** Records a condition: `then` runs when `predicate` holds, else `otherwise`. */
+  cond(predicate: Operand, then: () => void, otherwise?: () => void): void {
+    const site = Site.here()
+    const p = this.operand(predicate, site)
+    let thenNodes: ReadonlyArray<Graph.Node> = []
+    let elseNodes: ReadonlyArray<Graph.Node> = []
+    this.nested(
+      (id) => ({ _tag: "Cond", id, site, predicate: p, then: thenNodes, otherwise: elseNodes }),
+      () => {
+        thenNodes = this.block(then)
+        if (otherwise !== undefined) elseNodes = this.block(otherwise)
+      }
+    )
+  }
+
+  /** A graph-side list with initial items. */
+  list(items: ReadonlyArray<Operand>): TensorProxy {
+    const site = Site.here()
+    const ids = items.map((i) => this.operand(i, site))
+    return new TensorProxy(this, this.push({ _tag: "ListNew", items: ids }, site))
+  }
+
+  /** A graph-side dictionary. */
+  dict(): TensorProxy {
+    return new TensorProxy(this, this.push({ _tag: "DictNew" }))
+  }
+
+  /** Runs a local function on values when the graph runs. */
+  apply(fn: (...args: ReadonlyArray<never>) => unknown, args: ReadonlyArray<Operand>): TensorProxy {
+    const site = Site.here()
+    const ids = args.map((a) => this.operand(a, site))
+    this.functions.push(fn)
+    return new TensorProxy(this, this.push({ _tag: "Call", fn: this.functions.length - 1, args: ids }, site))
+  }
+
+  /** Prints values when the graph runs. */
+  log(args: ReadonlyArray<Operand>): void {
+    const site = Site.here()
+    const ids = args.map((a) => this.operand(a, site))
+    this.push({ _tag: "Log", args: ids }, site)
   }
 
   op(op: Ops.OpName, args: ReadonlyArray<Operand>, attrs: Record<string, unknown> = {}): TensorProxy {
@@ -121,6 +213,13 @@ export class Recorder {
     return new TensorProxy(this, this.push({ _tag: "Op", op, args: ids, attrs: attrs as any }, site))
   }
 }
+
+const isJson = (u: unknown): boolean =>
+  u === null ||
+  typeof u === "string" ||
+  typeof u === "boolean" ||
+  (typeof u === "number" && Number.isFinite(u)) ||
+  (Array.isArray(u) && u.every(isJson))
 
 /**
  * A tensor that will exist when the trace runs. Methods record operations and
@@ -158,6 +257,22 @@ export class TensorProxy {
   /** `this ** other`, broadcasting. */
   pow(other: Operand): TensorProxy {
     return this.recorder.op("Pow", [this, other])
+  }
+  /** `this % other` (Python's modulo: the sign of `other`). */
+  mod(other: Operand): TensorProxy {
+    return this.recorder.op("Mod", [this, other])
+  }
+  /** On a graph-side list (`s.list()`): appends a value when the graph runs. */
+  append(value: Operand): void {
+    const site = Site.here()
+    const v = this.recorder.operand(value, site)
+    this.recorder.push({ _tag: "Append", target: this.id, value: v, key: null }, site)
+  }
+  /** On a graph-side dictionary (`s.dict()`): sets `key` when the graph runs. */
+  put(key: string, value: Operand): void {
+    const site = Site.here()
+    const v = this.recorder.operand(value, site)
+    this.recorder.push({ _tag: "Append", target: this.id, value: v, key }, site)
   }
   /** `-this`. */
   neg(): TensorProxy {
@@ -296,12 +411,21 @@ export class TensorProxy {
    * adds an axis.
    */
   at(...items: ReadonlyArray<Index.Item>): TensorProxy {
-    Index.parse(items) // fail at the user's line on a malformed index
+    checkIndex(items)
     return this.recorder.op("Index", [this], { items: encodeItems(items) })
   }
   /** The shape, as an int64 tensor. */
   get shape(): TensorProxy {
     return this.recorder.op("Shape", [this])
+  }
+}
+
+/** Fails at the user's line on a malformed index. */
+const checkIndex = (items: ReadonlyArray<Index.Item>): void => {
+  try {
+    Index.parse(items)
+  } catch (e) {
+    throw new Errors.InvalidValue({ site: Site.here(), reason: e instanceof Error ? e.message : String(e) })
   }
 }
 
@@ -354,7 +478,7 @@ export class HookProxy extends TensorProxy {
 
   /** Replaces the part `items` selects (`x[items] = value` in Python). */
   setAt(items: ReadonlyArray<Index.Item>, value: Operand): void {
-    Index.parse(items)
+    checkIndex(items)
     this.set(this.recorder.op("SetIndex", [this, value], { items: encodeItems(items) }))
   }
 
@@ -564,6 +688,16 @@ export interface Context<I> {
   constant(value: Operand): TensorProxy
   /** Moves every module to the next generation step. */
   next(): void
+  /** Records `then` to run only when `predicate` holds when the graph runs (else `otherwise`). */
+  cond(predicate: Operand, then: () => void, otherwise?: () => void): void
+  /** A graph-side list. */
+  list(...items: ReadonlyArray<Operand>): TensorProxy
+  /** A graph-side dictionary. */
+  dict(): TensorProxy
+  /** Runs a local TypeScript function on values when the graph runs (local backends only). */
+  apply<A extends ReadonlyArray<unknown>>(fn: (...args: A) => unknown, ...args: ReadonlyArray<Operand>): TensorProxy
+  /** Prints values when the graph runs. */
+  log(...args: ReadonlyArray<Operand>): void
   /**
    * With a callback: records it once per generation step and gives the list
    * of what it returns. Without: everything recorded after this call applies
@@ -610,6 +744,65 @@ const eachStep = <R>(recorder: Recorder, steps: ReadonlyArray<number>, fn: (step
 export interface Recording<I> {
   readonly graph: Graph.Graph
   readonly inputs: ReadonlyArray<I>
+  /** The local functions `apply` calls (they never cross the wire). */
+  readonly functions: ReadonlyArray<(...args: ReadonlyArray<never>) => unknown>
+}
+
+/**
+ * The trace context `t` over a recorder. `inputs()` is the invoke input list
+ * being filled; `onAll` handles `t.all()` without a callback.
+ */
+const makeContext = <I>(
+  recorder: Recorder,
+  state: {
+    readonly inputs: () => Array<I>
+    readonly hasInput: boolean
+    readonly onAll: () => void
+    readonly onInvoke?: (input: I) => void
+  }
+): Context<I> => {
+  let inInvoke = false
+  return {
+    invoke: (input, body) => {
+      if (inInvoke) throw new Errors.InvalidInput({ site: Site.here(), reason: "invokes cannot be nested" })
+      if (state.hasInput) {
+        throw new Errors.InvalidInput({
+          site: Site.here(),
+          reason: "this trace was given an input already; pass no input to trace() to use invokes"
+        })
+      }
+      const inputs = state.inputs()
+      const previous = recorder.invoke
+      recorder.invoke = inputs.length
+      inputs.push(input)
+      state.onInvoke?.(input)
+      recorder.invokes = inputs.length
+      inInvoke = true
+      try {
+        return body()
+      } finally {
+        inInvoke = false
+        recorder.invoke = previous
+      }
+    },
+    stop: () => {
+      recorder.push({ _tag: "Stop" })
+    },
+    cat: (items, axis = 0) => recorder.op("Concat", items, { axis }),
+    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here())),
+    next: () => recorder.nextStep(),
+    cond: (predicate, then, otherwise) => recorder.cond(predicate, then, otherwise),
+    list: (...items) => recorder.list(items),
+    dict: () => recorder.dict(),
+    apply: (fn, ...args) => recorder.apply(fn as never, args),
+    log: (...args) => recorder.log(args),
+    all: ((body?: (step: number) => unknown) => {
+      if (body !== undefined) return eachStep(recorder, range(0, recorder.steps), body)
+      state.onAll()
+      return undefined
+    }) as Context<I>["all"],
+    iter: (steps, body) => eachStep(recorder, stepList(steps, recorder.steps), body)
+  }
 }
 
 /**
@@ -635,7 +828,6 @@ export const record = <I, R>(
 ): Recording<I> => {
   const recorder = new Recorder(root, options.steps ?? 1)
   let inputs: Array<I> = []
-  let inInvoke = false
   let allFrom: number | undefined
   const begin = () => {
     inputs = []
@@ -646,49 +838,22 @@ export const record = <I, R>(
     }
   }
   begin()
-  const t: Context<I> = {
-    invoke: (input, body) => {
-      if (inInvoke) throw new Errors.InvalidInput({ site: Site.here(), reason: "invokes cannot be nested" })
-      if (options.hasInput) {
-        throw new Errors.InvalidInput({
-          site: Site.here(),
-          reason: "this trace was given an input already; pass no input to trace() to use invokes"
-        })
-      }
-      const previous = recorder.invoke
-      recorder.invoke = inputs.length
-      inputs.push(input)
-      recorder.invokes = inputs.length
-      inInvoke = true
-      try {
-        return body()
-      } finally {
-        inInvoke = false
-        recorder.invoke = previous
-      }
-    },
-    stop: () => {
-      recorder.push({ _tag: "Stop" })
-    },
-    cat: (items, axis = 0) => recorder.op("Concat", items, { axis }),
-    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here())),
-    next: () => recorder.nextStep(),
-    all: ((body?: (step: number) => unknown) => {
-      if (body !== undefined) return eachStep(recorder, range(0, recorder.steps), body)
-      if (allFrom === undefined) allFrom = recorder.nodes.length
+  let replayStep = 0
+  const t = makeContext<I>(recorder, {
+    inputs: () => inputs,
+    hasInput: options.hasInput,
+    onAll: () => {
+      if (allFrom === undefined) allFrom = recorder.nextId
       // in a replay, this is where recording for the replayed step starts
       if (replayStep > 0) {
         recorder.replayUntil = 0
         recorder.step = replayStep
       }
-      return undefined
-    }) as Context<I>["all"],
-    iter: (steps, body) => eachStep(recorder, stepList(steps, recorder.steps), body)
-  }
+    }
+  })
   const root$ = envoy(recorder, root)
   const extra = options.extend?.(recorder) ?? {}
   const m = Object.keys(extra).length === 0 ? root$ : new Proxy(root$, { get: (target, key) => (typeof key === "string" && key in extra ? extra[key] : (target as any)[key]) })
-  let replayStep = 0
   const returned = fn(m, t)
   if (inputs.length === 0) {
     throw new Errors.InvalidInput({ site: Site.here(), reason: "the trace has no input: pass one to trace() or call t.invoke(input, ...)" })
@@ -706,7 +871,7 @@ export const record = <I, R>(
     replayStep = 0
     result = mergeSteps(perStep)
   }
-  return { graph: { nodes: recorder.nodes, invokes: inputs.length, result }, inputs }
+  return { graph: { nodes: recorder.nodes, invokes: inputs.length, result }, inputs, functions: recorder.functions }
 }
 
 /** Results of replayed passes: equal leaves stay single, differing ones become per-step lists. */
@@ -758,3 +923,133 @@ export type Saved<R> = R extends TensorProxy
         : R extends object
           ? { readonly [K in keyof R]: Saved<R[K]> }
           : R
+
+/**
+ * The session context `s` (`model.session((s) => ...)`): several traces and
+ * the graph-side control flow and values around them, all one graph.
+ *
+ * @since 0.1.0
+ */
+export interface SessionContext<I> {
+  /** A trace of the model inside the session; values flow to and from it. */
+  trace<R>(input: I | TensorProxy, fn: (m: Envoy, t: Context<I>) => R): R
+  trace<R>(fn: (m: Envoy, t: Context<I>) => R): R
+  /** Runs `fn` once per item of `over` (an array, a graph-side list, a tensor's rows). */
+  iter(over: Operand, fn: (item: TensorProxy) => void): void
+  /** Runs `then` when `predicate` holds, else `otherwise`. */
+  cond(predicate: Operand, then: () => void, otherwise?: () => void): void
+  /** A graph-side list. */
+  list(...items: ReadonlyArray<Operand>): TensorProxy
+  /** A graph-side dictionary. */
+  dict(): TensorProxy
+  /** Runs a local TypeScript function on values when the session runs. */
+  apply<A extends ReadonlyArray<unknown>>(fn: (...args: A) => unknown, ...args: ReadonlyArray<Operand>): TensorProxy
+  /** Prints values when the session runs. */
+  log(...args: ReadonlyArray<Operand>): void
+  /** Ends the innermost loop, or the session at its top level. */
+  stop(): void
+  /** A constant in the graph. */
+  constant(value: Operand): TensorProxy
+}
+
+/**
+ * A recorded session: its graph, and the local functions `apply` uses.
+ *
+ * @since 0.1.0
+ */
+export interface SessionRecording {
+  readonly graph: Graph.Graph
+  readonly functions: ReadonlyArray<(...args: ReadonlyArray<never>) => unknown>
+}
+
+/**
+ * Records a session callback.
+ *
+ * @example
+ * const { graph } = Tracer.recordSession(tree.root, (s) => { s.trace(x, (m) => m.layer1.output) })
+ *
+ * @since 0.1.0
+ */
+export const recordSession = <I, R>(root: ModuleInfo, fn: (s: SessionContext<I>) => R): SessionRecording => {
+  const recorder = new Recorder(root, 1)
+  recorder.inTrace = false
+  /** An input recorded at session level, before the trace that uses it. */
+  const outerInput = (input: unknown, site: string): number => {
+    if (input instanceof TensorProxy) return input.id
+    if (input instanceof Tensor || typeof input !== "object" || input === null || Array.isArray(input)) {
+      return recorder.operand(input as Operand, site)
+    }
+    const dict = recorder.dict()
+    for (const [k, v] of Object.entries(input)) dict.put(k, v as Operand)
+    return dict.id
+  }
+  const s: SessionContext<I> = {
+    trace: ((a: unknown, b?: unknown) => {
+      const site = Site.here()
+      const [input, body, hasInput] = typeof a === "function" ? [undefined, a, false] : [a, b, true]
+      const traceFn = body as (m: Envoy, t: Context<I>) => unknown
+      // inputs of invokes are recorded at session level, before the trace
+      const inputIds: Array<number> = hasInput ? [outerInput(input, site)] : []
+      const inputs: Array<I> = hasInput ? [input as I] : []
+      const invokeInputs: Array<unknown> = []
+      let returned: unknown
+      let nodes: ReadonlyArray<Graph.Node> = []
+      const saved = { invoke: recorder.invoke, invokes: recorder.invokes, step: recorder.step }
+      recorder.invoke = 0
+      recorder.invokes = inputs.length
+      recorder.step = 0
+      recorder.nested(
+        (id) => ({ _tag: "Trace", id, site, inputs: inputIds, steps: 1, options: null, body: nodes }),
+        () => {
+          nodes = recorder.block(() => {
+            recorder.inTrace = true
+            try {
+              const t = makeContext<I>(recorder, {
+                inputs: () => inputs,
+                hasInput,
+                onAll: () => undefined,
+                onInvoke: (i) => invokeInputs.push(i)
+              })
+              returned = traceFn(envoy(recorder, root), t)
+            } finally {
+              recorder.inTrace = false
+            }
+          })
+        }
+      )
+      // the invokes' inputs go before the trace node in the session's list
+      for (const i of invokeInputs) inputIds.push(outerInput(i, site))
+      recorder.invoke = saved.invoke
+      recorder.invokes = saved.invokes
+      recorder.step = saved.step
+      if (inputIds.length === 0) {
+        throw new Errors.InvalidInput({ site, reason: "the trace has no input: pass one to s.trace() or call t.invoke(input, ...)" })
+      }
+      return returned
+    }) as SessionContext<I>["trace"],
+    iter: (over, body) => {
+      const site = Site.here()
+      const o = recorder.operand(over, site)
+      let nodes: ReadonlyArray<Graph.Node> = []
+      recorder.nested(
+        (id) => ({ _tag: "Iter", id, site, over: o, body: nodes }),
+        () => {
+          const id = recorder.nextId - 1
+          nodes = recorder.block(() => body(new TensorProxy(recorder, id)))
+        }
+      )
+    },
+    cond: (predicate, then, otherwise) => recorder.cond(predicate, then, otherwise),
+    list: (...items) => recorder.list(items),
+    dict: () => recorder.dict(),
+    apply: (f, ...args) => recorder.apply(f as never, args),
+    log: (...args) => recorder.log(args),
+    stop: () => {
+      recorder.push({ _tag: "Stop" })
+    },
+    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here()))
+  }
+  const returned = fn(s)
+  const result = toResult(recorder, returned)
+  return { graph: { nodes: recorder.nodes, invokes: 0, result }, functions: recorder.functions }
+}

@@ -21,6 +21,8 @@ import { Tensor } from "../core/Tensor.js"
 import * as Tracer from "../core/Tracer.js"
 import { Backend } from "../backends/Backend.js"
 import type * as Local from "../backends/Local.js"
+import * as Values from "../backends/Values.js"
+import * as Session from "../backends/Session.js"
 import * as Sessions from "../backends/Sessions.js"
 import * as Loaded from "./Loaded.js"
 import * as ModuleTree from "./ModuleTree.js"
@@ -163,6 +165,42 @@ export class TracedModel<I> {
     return Tracer.record(this.runtime.loaded.tree.root, fn, { input, hasInput: true })
   }
 
+  /**
+   * Runs several traces, and the loops, conditions and values around them,
+   * as one graph (so it can run elsewhere as one request). Values from one
+   * trace flow into later ones; the session's return value comes back with
+   * proxies replaced by values.
+   *
+   * @example
+   * const { logits, acc } = await model.session((s) => {
+   *   const clean = s.trace(promptA, (m) => m.model.layers[1].output)
+   *   const acc = s.list()
+   *   s.iter([0, 1, 2], (i) => s.cond(i.mod(2).eq(0), () => acc.append(i)))
+   *   const logits = s.trace(promptB, (m) => { m.model.layers[1].output.set(clean); return m.lm_head.output })
+   *   return { logits, acc } // acc: [0, 2]
+   * })
+   *
+   * @since 0.1.0
+   */
+  session<R>(fn: (s: Tracer.SessionContext<I>) => R): Promise<Tracer.Saved<R>> {
+    return runPromise(this.sessionEffect(fn))
+  }
+
+  protected sessionEffect<R>(fn: (s: Tracer.SessionContext<I>) => R): Effect.Effect<Tracer.Saved<R>, Errors.TraceError> {
+    const self = this
+    return Effect.gen(function*() {
+      const recording = yield* Effect.try({
+        try: () => Tracer.recordSession(self.runtime.loaded.tree.root, fn),
+        catch: (e) => toTraceError(e)
+      })
+      const outcome = yield* Session.execute(self.runtime, recording.graph, {
+        prepare: (inputs) => self.prepare(inputs as ReadonlyArray<I>),
+        functions: recording.functions as ReadonlyArray<(...args: ReadonlyArray<unknown>) => unknown>
+      })
+      return materialize(recording.graph.result, outcome) as Tracer.Saved<R>
+    })
+  }
+
   /** Releases every onnxruntime session of this model. */
   async close(): Promise<void> {
     await Effect.runPromise(Scope.close(this.scope, Exit.void))
@@ -197,7 +235,12 @@ export class TracedModel<I> {
       const batch = yield* self.prepare(recording.inputs)
       const provided = yield* Effect.serviceOption(Backend)
       const backend = options.backend ?? Option.getOrElse(provided, () => self.backend)
-      const outcome = yield* backend.execute({ runtime: self.runtime, graph: recording.graph, ...batch })
+      const outcome = yield* backend.execute({
+        runtime: self.runtime,
+        graph: recording.graph,
+        ...batch,
+        ...(recording.functions.length > 0 ? { functions: recording.functions } : {})
+      })
       return materialize(recording.graph.result, outcome) as Tracer.Saved<R>
     })
   }
@@ -321,11 +364,24 @@ export const materialize = (result: Graph.Result, outcome: Local.Outcome): unkno
   switch (result._tag) {
     case "Ref": {
       const v = outcome.values.get(result.id)
-      if (v !== undefined) return v
+      if (v !== undefined) return Values.toUser(v)
       throw outcome.unavailable.get(result.id) ?? new Errors.Unavailable({ site: "", reason: "no value was computed" })
     }
-    case "List":
-      return result.items.map((r) => materialize(r, outcome))
+    case "List": {
+      const out: Array<unknown> = []
+      result.items.forEach((r, i) => {
+        if (r._tag === "Ref" && !outcome.values.has(r.id)) {
+          const error = outcome.unavailable.get(r.id) ?? new Errors.Unavailable({ site: "", reason: "no value was computed" })
+          Object.defineProperty(out, i, {
+            enumerable: true,
+            get: () => {
+              throw error
+            }
+          })
+        } else out[i] = materialize(r, outcome)
+      })
+      return out
+    }
     case "Steps": {
       // the steps that ran: a generation that ended early has fewer
       const ran = result.items.findIndex((r) => Graph.resultRefs(r).some((id) => !outcome.values.has(id)))
