@@ -160,8 +160,9 @@ const resolveHook = (
  * The batch rows of an invoke, when the tensor is batched (its first
  * dimension is the batch size); the whole tensor otherwise.
  */
-const narrow = (t: Tensor, rows: Rows, batch: number, invokes: number): Tensor => {
-  if (invokes <= 1 || t.shape.length === 0 || t.shape[0] !== batch) return t
+const narrow = (t: Tensor, rows: Rows | undefined, batch: number, invokes: number): Tensor => {
+  // invoke -1 (a model edit) addresses every row
+  if (rows === undefined || invokes <= 1 || t.shape.length === 0 || t.shape[0] !== batch) return t
   const rowSize = t.shape.slice(1).reduce((a, b) => a * b, 1)
   const data = t.data as DType.TypedData
   const part =
@@ -171,8 +172,8 @@ const narrow = (t: Tensor, rows: Rows, batch: number, invokes: number): Tensor =
 }
 
 /** Broadcasts `value` into the rows of `base` (all of it when not batched). */
-const replaceRows = (base: Tensor, value: Tensor, rows: Rows, batch: number, invokes: number): Tensor => {
-  const whole = invokes <= 1 || base.shape.length === 0 || base.shape[0] !== batch
+const replaceRows = (base: Tensor, value: Tensor, rows: Rows | undefined, batch: number, invokes: number): Tensor => {
+  const whole = rows === undefined || invokes <= 1 || base.shape.length === 0 || base.shape[0] !== batch
   return Kernels.assign(base, whole ? [] : [`${rows.start}:${rows.start + rows.count}`], value)
 }
 

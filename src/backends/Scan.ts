@@ -23,10 +23,16 @@
  *   inputs (and reuses the forward's fakes when they fit unchanged);
  * - `Param` is the initializer's shape, transposed for `transposed` ones;
  * - `Stop` computes nothing: scan reports shapes even for values a stopped
- *   run leaves unavailable.
+ *   run leaves unavailable;
+ * - hooks on calls past a module's calls per pass (generation steps) read
+ *   that pass's forward, from the inputs `Options.inputs(step)` gives;
+ * - conditions: both branches are scanned, but a branch's failure is not
+ *   reported (it may never run); loops and nested traces fail as in `Local`.
  *
- * Errors are plain throws of `Errors.TraceError` in {@link run} and typed
- * failures in {@link execute} (an Effect, as `Local.execute`).
+ * Errors are plain throws of `Errors.TraceError` in {@link run} and
+ * {@link make} (node by node, for shapes while tracing), typed failures in
+ * {@link execute} (an Effect, as `Local.execute`), or returned by
+ * {@link validate}.
  *
  * @example
  * import * as Scan from "./Scan.js"
@@ -38,12 +44,11 @@
 import { Effect } from "effect"
 import * as DType from "../core/DType.js"
 import * as Errors from "../core/Errors.js"
-import type * as Graph from "../core/Graph.js"
+import * as Graph from "../core/Graph.js"
 import * as Index from "../core/Index.js"
 import * as Ops from "../core/Ops.js"
 import { decodeItems } from "../core/Tracer.js"
 import type * as Loaded from "../models/Loaded.js"
-import type * as ModuleTree from "../models/ModuleTree.js"
 import * as Onnx from "../models/Onnx.js"
 import * as Shapes from "../models/Shapes.js"
 
@@ -243,6 +248,7 @@ const unsupported: Partial<Record<Ops.OpName, ReadonlyArray<DType.DType>>> = (()
     Mul: ["bool"],
     Div: ["bool"],
     Pow: ["int8", "int16", "uint8", "uint16", "uint32", "uint64", "bool"],
+    Mod: ["bool"],
     Neg: ["uint8", "uint16", "uint32", "uint64", "bool"],
     Abs: ["bool"],
     Exp: floatOnly,
@@ -365,6 +371,7 @@ export const opRules = {
   Mul: elementwise,
   Div: elementwise,
   Pow: elementwise,
+  Mod: elementwise,
   Neg: same,
   Abs: same,
   Exp: same,
@@ -471,9 +478,9 @@ const castFake = (f: Fake, dtype: DType.DType): Fake => (f.dtype === dtype ? f :
 interface HookSite {
   readonly key: string
   readonly tensor: string
+  /** Position in the linear order, plus (n + 1) per earlier forward pass. */
   readonly position: number
-  readonly order: number
-  readonly call: ModuleTree.Call
+  readonly step: number
   readonly point: "input" | "output"
 }
 
@@ -483,23 +490,19 @@ const resolveHook = (loaded: Loaded.Loaded, ref: Graph.HookRef, site: string): H
     const parts = ref.module.split(".")
     throw new Errors.UnknownModule({ path: parts.slice(0, -1).join("."), name: parts[parts.length - 1], available: [], site })
   }
-  const call = module.calls[ref.call]
+  // call c of a module run k times per forward pass is its call c % k in pass c / k (as Local)
+  const perPass = module.calls.length
+  const call = perPass === 0 || ref.call < 0 ? undefined : module.calls[ref.call % perPass]
   if (call === undefined) {
     throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site })
   }
+  const step = Math.floor(ref.call / perPass)
   const list = ref.point === "input" ? call.inputs : call.outputs
   if (ref.index < 0 || ref.index >= list.length) {
     throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site })
   }
-  const depth = ref.module === "" ? 0 : ref.module.split(".").length
-  return {
-    key: hookKey(ref),
-    tensor: list[ref.index],
-    position: ref.point === "input" ? call.start : call.end,
-    order: ref.point === "output" ? 1000 - depth : 2000 + depth,
-    call,
-    point: ref.point
-  }
+  const local = ref.point === "input" ? call.start : call.end
+  return { key: hookKey(ref), tensor: list[ref.index], position: step * (loaded.tree.order.length + 1) + local, step, point: ref.point }
 }
 
 const toTraceError = (site: string, e: unknown): Errors.TraceError => {
@@ -514,25 +517,80 @@ const toTraceError = (site: string, e: unknown): Errors.TraceError => {
 }
 
 /**
- * Scans a graph; throws the `Errors.TraceError` a run would fail with.
+ * A scan in progress, one node at a time (for shapes while tracing, e.g.
+ * `proxy.shape`): `add` each node in id order, then `finish` for the
+ * whole-graph checks. Both throw the `Errors.TraceError` a run would fail with.
  *
  * @example
- * const { values } = Scan.run(loaded, { graph, inputs, rows: [{ start: 0, count: 1 }] })
+ * const scanner = Scan.make(loaded, { inputs, rows: [{ start: 0, count: 1 }] })
+ * for (const node of graph.nodes) scanner.add(node)?.shape
+ * const outcome = scanner.finish()
  *
  * @since 0.1.0
  */
-export const run = (loaded: Loaded.Loaded, req: Request): Outcome => {
-  const { graph, rows } = req
-  const tensors = forward(loaded, req.inputs)
-  const nodes = graph.nodes
+export interface Scanner {
+  /** The fake of every tensor of the (first) forward pass. */
+  readonly tensors: ReadonlyMap<string, Fake>
+  /** The fakes of the nodes added so far. */
+  readonly values: ReadonlyMap<number, Fake>
+  /** The fakes of the hook points used so far. */
+  readonly hooks: ReadonlyMap<string, Fake>
+  /** Scans the next node; its fake, when it has a tensor value. */
+  add(node: Graph.Node): Fake | undefined
+  /** Checks what needs the whole graph (sets needing later values) and gives the outcome. */
+  finish(): Outcome
+}
+
+/**
+ * Options of {@link make}.
+ *
+ * @since 0.1.0
+ */
+export interface Options {
+  /**
+   * The model inputs; a function gives each forward pass's inputs (pass
+   * `step` of a generation), for hooks on calls past the first pass.
+   */
+  readonly inputs: Inputs | ((step: number) => Inputs)
+  readonly rows: ReadonlyArray<Rows>
+  /** Fakes of nodes defined outside this graph (a session's values). */
+  readonly externals?: ReadonlyMap<number, Fake>
+  /** The token ids `Generated` gives, per invoke: default `[rows, generated_length]`. */
+  readonly generated?: (invoke: number) => Fake
+}
+
+/**
+ * Starts a scan: infers the forward pass for the inputs (see {@link forward}).
+ *
+ * Besides the tensor nodes, graphs may hold builtins (values, lists, calls
+ * of local functions, logs: no fakes, and tensor nodes that need them get
+ * none) and conditions: both branches are scanned, tolerantly (a branch
+ * that may never run reports no error; its nodes that fail get no fake).
+ * Loops and nested traces fail as `Local` fails them.
+ *
+ * @since 0.1.0
+ */
+export const make = (loaded: Loaded.Loaded, options: Options): Scanner => {
+  const { rows } = options
+  const inputsOf = typeof options.inputs === "function" ? (options.inputs as (step: number) => Inputs) : () => options.inputs as Inputs
+  const tensors = forward(loaded, inputsOf(0))
+  const passes = new Map<number, ReadonlyMap<string, Fake>>([[0, tensors]])
+  const tensorsOf = (step: number) => {
+    let t = passes.get(step)
+    if (t === undefined) passes.set(step, (t = forward(loaded, inputsOf(step))))
+    return t
+  }
+  const nodes: Array<{ readonly node: Graph.Node; readonly guarded: boolean; readonly guard?: number }> = []
   const batch = rows.reduce((a, r) => a + r.count, 0)
   const invokes = rows.length
   const values = new Map<number, Val>()
   const out = new Map<number, Fake>()
+  for (const [id, f] of options.externals ?? []) {
+    values.set(id, f)
+    out.set(id, f)
+  }
   const hooks = new Map<string, Fake>()
   const sites = new Map<string, HookSite>()
-  const setKeys = new Set<string>()
-  for (const n of nodes) if (n._tag === "Set") setKeys.add(hookKey(n.ref))
 
   const narrow = (f: Fake, r: Rows | undefined): Fake => {
     if (invokes <= 1 || r === undefined || f.shape.length === 0 || !Shapes.dimEquals(f.shape[0], batch)) return f
@@ -541,7 +599,7 @@ export const run = (loaded: Loaded.Loaded, req: Request): Outcome => {
   const hookFake = (node: Graph.Node & { readonly ref: Graph.HookRef }) => {
     const site = resolveHook(loaded, node.ref, node.site)
     sites.set(site.key, site)
-    const whole = tensors.get(site.tensor)
+    const whole = tensorsOf(site.step).get(site.tensor)
     if (whole === undefined) throw new Errors.ExecutionError({ site: node.site, reason: `internal: no shape for tensor "${site.tensor}"` })
     hooks.set(site.key, whole)
     return { site, whole, part: narrow(whole, rows[node.ref.invoke]) }
@@ -577,22 +635,24 @@ export const run = (loaded: Loaded.Loaded, req: Request): Outcome => {
 
   const apply = (node: Graph.Node & { _tag: "Apply" }): Fake => {
     const module = loaded.tree.modules.get(node.module)
-    const call = module?.calls[node.call]
+    const perPass = module?.calls.length ?? 0
+    const call = module === undefined || perPass === 0 ? undefined : module.calls[node.call % perPass]
     if (module === undefined || call === undefined) {
       throw new Errors.UnknownModule({ path: "", name: node.module, available: [], site: node.site })
     }
+    const forwardFakes = tensorsOf(Math.floor(node.call / perPass))
     const fed = new Map<string, Fake>()
     call.inputs.forEach((name, k) => {
       if (k >= node.args.length) return
-      const want = tensors.get(name)
+      const want = forwardFakes.get(name)
       const v = asFake(values.get(node.args[k])!)
       if (want !== undefined) checkCast(v.dtype, want.dtype, `${node.module}.call`)
       fed.set(name, want === undefined ? v : castFake(v, want.dtype))
     })
     const result = call.outputs[0]
-    const unchanged = [...fed].every(([name, f]) => Shapes.shapeEquals(f.shape, tensors.get(name)?.shape ?? []))
-    if (unchanged) return stripValue(tensors.get(result)!)
-    const env = new Map(tensors)
+    const unchanged = [...fed].every(([name, f]) => Shapes.shapeEquals(f.shape, forwardFakes.get(name)?.shape ?? []))
+    if (unchanged) return stripValue(forwardFakes.get(result)!)
+    const env = new Map(forwardFakes)
     for (const [name, f] of fed) env.set(name, f)
     const graphNodes = loaded.model.graph.nodes
     const range: Array<Onnx.Node> = []
@@ -608,67 +668,134 @@ export const run = (loaded: Loaded.Loaded, req: Request): Outcome => {
     return stripValue(env.get(result)!)
   }
 
-  for (const node of nodes) {
-    try {
-      switch (node._tag) {
-        case "Constant": {
-          if (!DType.isDType(node.value.dtype)) throw new Errors.InvalidValue({ site: node.site, reason: `unknown dtype "${node.value.dtype}"` })
-          values.set(node.id, { dtype: node.value.dtype, shape: [...node.value.shape] })
-          break
-        }
-        case "Scalar":
-          values.set(node.id, node.value)
-          break
-        case "Param":
-          values.set(node.id, param(node))
-          break
-        case "Hook": {
-          const { part } = hookFake(node)
-          values.set(node.id, setKeys.has(hookKey(node.ref)) ? stripValue(part) : part)
-          break
-        }
-        case "Set": {
-          const { site, whole, part } = hookFake(node)
-          const value = asFake(values.get(node.value)!)
-          const target = invokes <= 1 || whole.shape.length === 0 || !Shapes.dimEquals(whole.shape[0], batch) ? whole.shape : part.shape
-          const why = Shapes.broadcastsTo(value.shape, target)
-          const label = `${node.ref.module}.${node.ref.point}`
-          if (why !== undefined) throw new Errors.InvalidValue({ site: node.site, reason: `cannot set ${label}: ${why}` })
-          if ((value.dtype === "string") !== (whole.dtype === "string")) {
-            throw new Errors.InvalidValue({ site: node.site, reason: `cannot set ${label}: a ${value.dtype} value cannot be stored in a ${whole.dtype} tensor` })
-          }
-          void site
-          break
-        }
-        case "Op": {
-          if (node.op === "Select") {
-            const v = values.get(node.args[0])
-            const k = node.attrs.index as number
-            const picked = Array.isArray(v) ? (v as ReadonlyArray<Fake>)[k] : k === 0 ? asFake(v!) : undefined
-            if (picked === undefined) throw new Errors.InvalidValue({ site: node.site, reason: `Select: the value has no output ${k}` })
-            values.set(node.id, picked)
-            break
-          }
-          const args = operands(node)
-          checkDtype(node.op, args)
-          const rule: OpRule = opRules[node.op]
-          values.set(node.id, rule(args, node.attrs, node.op))
-          break
-        }
-        case "Apply":
-          values.set(node.id, apply(node))
-          break
-        case "Stop":
-          break
+  /** Whether every node this one reads has a value (builtins and failed guarded nodes have none). */
+  const known = (ids: ReadonlyArray<number>) => ids.every((d) => values.has(d))
+
+  const step = (node: Graph.Node): void => {
+    // builtins and control flow, matched by tag name so that graphs without them type-check too
+    const tag: string = node._tag
+    const any = node as unknown as Record<string, unknown>
+    switch (tag) {
+      case "Constant": {
+        const lit = any.value as Graph.Literal
+        if (!DType.isDType(lit.dtype)) throw new Errors.InvalidValue({ site: node.site, reason: `unknown dtype "${lit.dtype}"` })
+        values.set(node.id, { dtype: lit.dtype, shape: [...lit.shape] })
+        return
       }
+      case "Scalar":
+        values.set(node.id, any.value as number | boolean)
+        return
+      case "Value": {
+        const v = any.value
+        if (typeof v === "number" || typeof v === "boolean") values.set(node.id, v)
+        return
+      }
+      case "Param":
+        values.set(node.id, param(node as Graph.Node & { _tag: "Param" }))
+        return
+      case "Hook": {
+        const { part } = hookFake(node as Graph.Node & { readonly ref: Graph.HookRef })
+        values.set(node.id, stripValue(part))
+        return
+      }
+      case "Generated": {
+        const invoke = any.invoke as number
+        const f = options.generated?.(invoke) ?? { dtype: "int64" as const, shape: [rows[invoke]?.count ?? batch, Shapes.symbol("generated_length")] }
+        values.set(node.id, f)
+        return
+      }
+      case "Set": {
+        const set = node as Graph.Node & { _tag: "Set" }
+        const { whole, part } = hookFake(set)
+        if (!known([set.value])) return
+        const value = asFake(values.get(set.value)!)
+        const batched = invokes > 1 && whole.shape.length > 0 && Shapes.dimEquals(whole.shape[0], batch)
+        const why = Shapes.broadcastsTo(value.shape, batched ? part.shape : whole.shape)
+        const label = `${set.ref.module}.${set.ref.point}`
+        if (why !== undefined) throw new Errors.InvalidValue({ site: node.site, reason: `cannot set ${label}: ${why}` })
+        if ((value.dtype === "string") !== (whole.dtype === "string")) {
+          throw new Errors.InvalidValue({ site: node.site, reason: `cannot set ${label}: a ${value.dtype} value cannot be stored in a ${whole.dtype} tensor` })
+        }
+        return
+      }
+      case "Op": {
+        const op = node as Graph.Node & { _tag: "Op" }
+        if (!known(op.args)) return
+        if (op.op === "Select") {
+          const v = values.get(op.args[0])
+          const k = op.attrs.index as number
+          const picked = Array.isArray(v) ? (v as ReadonlyArray<Fake>)[k] : k === 0 ? asFake(v!) : undefined
+          if (picked === undefined) throw new Errors.InvalidValue({ site: node.site, reason: `Select: the value has no output ${k}` })
+          values.set(node.id, picked)
+          return
+        }
+        const args = operands(op)
+        if (args.some((a) => !isFake(a))) return
+        checkDtype(op.op, args)
+        const rule: OpRule = opRules[op.op]
+        values.set(node.id, rule(args, op.attrs, op.op))
+        return
+      }
+      case "Apply": {
+        const a = node as Graph.Node & { _tag: "Apply" }
+        if (!known(a.args)) return
+        values.set(node.id, apply(a))
+        return
+      }
+      case "Iter":
+        throw new Errors.InvalidValue({
+          site: node.site,
+          reason: "a loop cannot run inside a forward pass: loop over traces in a session, or over steps with t.all / envoy.iter"
+        })
+      case "Trace":
+        throw new Errors.InvalidValue({ site: node.site, reason: "a trace cannot run inside another trace" })
+      default:
+        // Stop, ListNew, DictNew, Append, Call, Log, Cond (its branches are added separately): no tensor
+        return
+    }
+  }
+
+  const addOne = (node: Graph.Node, guard: number | undefined): Fake | undefined => {
+    nodes.push({ node, guarded: guard !== undefined, ...(guard === undefined ? {} : { guard }) })
+    try {
+      step(node)
     } catch (e) {
-      throw toTraceError(node.site, e)
+      // a branch may never run: its failures are not the run's
+      if (guard === undefined) throw toTraceError(node.site, e)
+      values.delete(node.id)
     }
     const v = values.get(node.id)
-    if (v !== undefined) out.set(node.id, asFake(v))
+    let f: Fake | undefined
+    if (v !== undefined && (isFake(v) || Array.isArray(v) || typeof v === "number" || typeof v === "boolean")) {
+      f = asFake(v as Val)
+      out.set(node.id, f)
+    }
+    const any = node as unknown as Record<string, unknown>
+    if ((node._tag as string) === "Cond") {
+      for (const child of [...(any.then as ReadonlyArray<Graph.Node>), ...(any.otherwise as ReadonlyArray<Graph.Node>)]) addOne(child, node.id)
+    }
+    return f
   }
-  checkOrder(nodes, sites)
-  return { values: out, hooks, tensors }
+
+  const finish = (): Outcome => {
+    checkOrder(nodes, sites)
+    return { values: out, hooks, tensors }
+  }
+  return { tensors, values: out, hooks, add: (node) => addOne(node, undefined), finish }
+}
+
+/**
+ * Scans a graph; throws the `Errors.TraceError` a run would fail with.
+ *
+ * @example
+ * const { values } = Scan.run(loaded, { graph, inputs, rows: [{ start: 0, count: 1 }] })
+ *
+ * @since 0.1.0
+ */
+export const run = (loaded: Loaded.Loaded, req: Request): Outcome => {
+  const scanner = make(loaded, req)
+  for (const node of req.graph.nodes) scanner.add(node)
+  return scanner.finish()
 }
 
 const stripValue = (f: Fake): Fake => (f.value === undefined ? f : { dtype: f.dtype, shape: f.shape })
@@ -676,43 +803,50 @@ const stripValue = (f: Fake): Fake => (f.value === undefined ? f : { dtype: f.dt
 /**
  * Fails with `Errors.OutOfOrder` where a set needs a value that the forward
  * pass only computes after the point the set applies at (as `Local` does).
+ * Sets inside conditions are not checked (their branch may not run).
  */
-const checkOrder = (nodes: ReadonlyArray<Graph.Node>, sites: ReadonlyMap<string, HookSite>): void => {
-  const ready = new Array<number>(nodes.length).fill(-1)
+const checkOrder = (
+  nodes: ReadonlyArray<{ readonly node: Graph.Node; readonly guarded: boolean; readonly guard?: number }>,
+  sites: ReadonlyMap<string, HookSite>
+): void => {
+  const ready = new Map<number, number>()
+  const at = (id: number) => ready.get(id) ?? -1
   const setsSoFar = new Map<string, Array<number>>()
-  let stop: { readonly id: number; position: number } | undefined
-  for (const node of nodes) {
-    let r = -1
+  let stop: { readonly id: number; readonly position: number } | undefined
+  for (const { node, guard } of nodes) {
+    let r = guard === undefined ? -1 : at(guard)
     switch (node._tag) {
       case "Hook": {
         const key = hookKey(node.ref)
-        r = sites.get(key)!.position
-        for (const s of setsSoFar.get(key) ?? []) r = Math.max(r, ready[s])
+        r = Math.max(r, sites.get(key)?.position ?? -1)
+        for (const s of setsSoFar.get(key) ?? []) r = Math.max(r, at(s))
         break
       }
       case "Set": {
         const key = hookKey(node.ref)
-        r = Math.max(sites.get(key)!.position, ready[node.value])
+        r = Math.max(r, sites.get(key)?.position ?? -1, at(node.value))
         setsSoFar.set(key, [...(setsSoFar.get(key) ?? []), node.id])
         break
       }
-      case "Op":
-      case "Apply":
-        for (const a of node.args) r = Math.max(r, ready[a])
-        break
       case "Stop":
-        if (stop === undefined) stop = { id: node.id, position: Math.max(-1, ...ready.slice(0, node.id)) }
+        if (stop === undefined && guard === undefined) {
+          let p = -1
+          for (const [id, v] of ready) if (id < node.id) p = Math.max(p, v)
+          stop = { id: node.id, position: p }
+        }
         break
       default:
+        for (const d of Graph.dependencies(node)) r = Math.max(r, at(d))
         break
     }
-    ready[node.id] = r
+    ready.set(node.id, r)
   }
-  for (const node of nodes) {
-    if (node._tag !== "Set") continue
-    const position = sites.get(hookKey(node.ref))!.position
-    if (stop !== undefined && node.id > stop.id && position >= stop.position) continue
-    if (ready[node.value] > position) {
+  for (const { node, guarded } of nodes) {
+    if (node._tag !== "Set" || guarded) continue
+    const site = sites.get(hookKey(node.ref))
+    if (site === undefined) continue
+    if (stop !== undefined && node.id > stop.id && site.position >= stop.position) continue
+    if (at(node.value) > site.position) {
       throw new Errors.OutOfOrder({
         site: node.site,
         reason: `this set on ${node.ref.module || "the model"}.${node.ref.point} needs a value that is only computed later in the forward pass`

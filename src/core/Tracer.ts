@@ -805,6 +805,18 @@ const makeContext = <I>(
   }
 }
 
+/** Records a model's edits: for every invoke's rows (invoke -1) and every step. */
+const applyEdits = (recorder: Recorder, m: Envoy, edits: ReadonlyArray<(m: Envoy) => void> | undefined): void => {
+  if (edits === undefined || edits.length === 0) return
+  const invoke = recorder.invoke
+  recorder.invoke = -1
+  try {
+    eachStep(recorder, range(0, recorder.steps), () => edits.forEach((e) => e(m)))
+  } finally {
+    recorder.invoke = invoke
+  }
+}
+
 /**
  * Records a trace callback. With `input` given, the callback's reads address
  * that input (one implicit invoke); otherwise it must call `t.invoke`.
@@ -824,6 +836,8 @@ export const record = <I, R>(
     readonly steps?: number
     /** Extra members of the root envoy (e.g. `generator`). */
     readonly extend?: (recorder: Recorder) => Record<string, unknown>
+    /** The model's edits, recorded first, for every row and step. */
+    readonly edits?: ReadonlyArray<(m: Envoy) => void>
   }
 ): Recording<I> => {
   const recorder = new Recorder(root, options.steps ?? 1)
@@ -854,6 +868,7 @@ export const record = <I, R>(
   const root$ = envoy(recorder, root)
   const extra = options.extend?.(recorder) ?? {}
   const m = Object.keys(extra).length === 0 ? root$ : new Proxy(root$, { get: (target, key) => (typeof key === "string" && key in extra ? extra[key] : (target as any)[key]) })
+  applyEdits(recorder, root$, options.edits)
   const returned = fn(m, t)
   if (inputs.length === 0) {
     throw new Errors.InvalidInput({ site: Site.here(), reason: "the trace has no input: pass one to trace() or call t.invoke(input, ...)" })
@@ -970,7 +985,11 @@ export interface SessionRecording {
  *
  * @since 0.1.0
  */
-export const recordSession = <I, R>(root: ModuleInfo, fn: (s: SessionContext<I>) => R): SessionRecording => {
+export const recordSession = <I, R>(
+  root: ModuleInfo,
+  fn: (s: SessionContext<I>) => R,
+  edits?: ReadonlyArray<(m: Envoy) => void>
+): SessionRecording => {
   const recorder = new Recorder(root, 1)
   recorder.inTrace = false
   /** An input recorded at session level, before the trace that uses it. */
@@ -1010,7 +1029,9 @@ export const recordSession = <I, R>(root: ModuleInfo, fn: (s: SessionContext<I>)
                 onAll: () => undefined,
                 onInvoke: (i) => invokeInputs.push(i)
               })
-              returned = traceFn(envoy(recorder, root), t)
+              const m = envoy(recorder, root)
+              applyEdits(recorder, m, edits)
+              returned = traceFn(m, t)
             } finally {
               recorder.inTrace = false
             }

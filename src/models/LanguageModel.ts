@@ -136,6 +136,10 @@ export class LanguageModel extends TracedModel<Prompt> {
    *
    * @since 0.1.0
    */
+  protected override makeEffect(): LanguageModel["effect"] {
+    return Object.assign(super.makeEffect(), { generate: this.generateEffect.bind(this) }) as LanguageModel["effect"]
+  }
+
   static async load(dirOrRepo: string, options: LoadOptions = {}): Promise<LanguageModel> {
     const variant = options.variant ?? "default"
     const isDir = await fs.stat(dirOrRepo).then((s) => s.isDirectory(), () => false)
@@ -164,7 +168,7 @@ export class LanguageModel extends TracedModel<Prompt> {
       typeNames: options.typeNames ?? ((p, inferred) => (p === "" && architecture ? architecture : inferred))
     })
     const model = new LanguageModel(runtime, scope, options.backend ?? Backend.local)
-    Object.assign(model.effect, { generate: model.generateEffect.bind(model) })
+    ;(model as { effect: unknown }).effect = model.makeEffect()
     model.config = config
     model.generationConfig = generationConfig
     model.tokenizer = Object.keys(tokenizerJson).length > 0 ? makeTokenizer(tokenizerJson, tokenizerConfig) : noTokenizer(dir)
@@ -206,6 +210,7 @@ export class LanguageModel extends TracedModel<Prompt> {
             input,
             hasInput: true,
             steps: options.maxNewTokens,
+            edits: self.edits,
             extend: (recorder) => {
               // one node per invoke, also when t.all() records the callback again
               const ids = new Map<number, number>()

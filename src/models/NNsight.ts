@@ -83,19 +83,57 @@ export class TracedModel<I> {
     }
   }
 
+  /** Interventions applied to every trace of this model (see {@link edit}). */
+  protected edits: ReadonlyArray<(m: Tracer.Envoy) => void> = []
+  /** Whether this object owns the sessions (edited copies share their original's). */
+  private owner = true
+
   protected constructor(
     readonly runtime: Local.Runtime,
     private readonly scope: Scope.Closeable,
     private readonly backend: Backend["Service"]
   ) {
+    this.effect = this.makeEffect()
+  }
+
+  protected makeEffect(): TracedModel<I>["effect"] {
     const self = this
-    this.effect = {
+    return {
       trace: ((a: unknown, b?: unknown, c?: unknown) => {
         const [input, fn, options, hasInput] =
           typeof a === "function" ? [undefined, a, b, false] : [a, b, c, true]
         return self.traceEffect(input as I, fn as TraceFn<I, unknown>, (options ?? {}) as TraceOptions, hasInput)
       }) as TracedModel<I>["effect"]["trace"]
     }
+  }
+
+  /**
+   * A model whose every later trace (and generation, and session trace)
+   * first applies `fn`'s interventions, to every row of the batch. The
+   * original is unchanged unless `inplace`; the copy shares its sessions.
+   *
+   * @example
+   * const ablated = model.edit((m) => { m.model.layers[0].mlp.output.set(0) })
+   * await ablated.trace(prompt, (m) => m.lm_head.output)   // ablated
+   * await model.trace(prompt, (m) => m.lm_head.output)     // original
+   *
+   * @since 0.1.0
+   */
+  edit(fn: (m: Tracer.Envoy) => void, options: { readonly inplace?: boolean } = {}): this {
+    if (options.inplace) {
+      this.edits = [...this.edits, fn]
+      return this
+    }
+    const copy = Object.assign(Object.create(Object.getPrototypeOf(this)) as this, this)
+    copy.edits = [...this.edits, fn]
+    copy.owner = false
+    ;(copy as { effect: unknown }).effect = copy.makeEffect()
+    return copy
+  }
+
+  /** Removes every edit (of this object; copies made before keep theirs). */
+  clearEdits(): void {
+    this.edits = []
   }
 
   /** Decodes a model and opens its session cache in a fresh scope. */
@@ -162,7 +200,7 @@ export class TracedModel<I> {
    * @since 0.1.0
    */
   record<R>(input: I, fn: TraceFn<I, R>): Tracer.Recording<I> {
-    return Tracer.record(this.runtime.loaded.tree.root, fn, { input, hasInput: true })
+    return Tracer.record(this.runtime.loaded.tree.root, fn, { input, hasInput: true, edits: this.edits })
   }
 
   /**
@@ -190,7 +228,7 @@ export class TracedModel<I> {
     const self = this
     return Effect.gen(function*() {
       const recording = yield* Effect.try({
-        try: () => Tracer.recordSession(self.runtime.loaded.tree.root, fn),
+        try: () => Tracer.recordSession(self.runtime.loaded.tree.root, fn, self.edits),
         catch: (e) => toTraceError(e)
       })
       const outcome = yield* Session.execute(self.runtime, recording.graph, {
@@ -201,9 +239,9 @@ export class TracedModel<I> {
     })
   }
 
-  /** Releases every onnxruntime session of this model. */
+  /** Releases every onnxruntime session of this model (an edited copy leaves them to its original). */
   async close(): Promise<void> {
-    await Effect.runPromise(Scope.close(this.scope, Exit.void))
+    if (this.owner) await Effect.runPromise(Scope.close(this.scope, Exit.void))
   }
 
   /** Releases the model's sessions at the end of a `using` block. */
@@ -229,7 +267,7 @@ export class TracedModel<I> {
     const self = this
     return Effect.gen(function*() {
       const recording = yield* Effect.try({
-        try: () => Tracer.record(self.runtime.loaded.tree.root, fn, { input, hasInput }),
+        try: () => Tracer.record(self.runtime.loaded.tree.root, fn, { input, hasInput, edits: self.edits }),
         catch: (e) => toTraceError(e)
       })
       const batch = yield* self.prepare(recording.inputs)
