@@ -190,7 +190,7 @@ class ShapeEnv {
 const tensorInfo = (t: Onnx.TensorProto): Info => {
   const dims = [...t.dims]
   const n = Onnx.elementCount(dims)
-  const intLike = t.dataType === DType.OnnxCode.INT64 || t.dataType === DType.OnnxCode.INT32
+  const intLike = t.dataType === DType.OnnxCode.INT64 || t.dataType === DType.OnnxCode.INT32 || t.dataType === DType.OnnxCode.BOOL
   if (intLike && n <= 64 && dims.length <= 1) {
     try {
       const data = Onnx.tensorData(t) as ArrayLike<number | bigint>
@@ -255,8 +255,22 @@ const fold2 = (a: SDim, b: SDim, op: string, env: ShapeEnv): SDim => {
   if (op === "Mul" && b === 1) return a
   if (op === "Mul" && a === 1) return b
   if ((op === "Add" || op === "Sub") && b === 0) return a
+  if (op === "Add" && a === 0) return b
   if (op === "Div" && b === 1) return a
-  return env.fresh()
+  // A derived symbol named by its expression: equal expressions of equal sizes are equal sizes.
+  const sign = { Add: "+", Sub: "-", Mul: "*", Div: "/" }[op]
+  if (sign === undefined) return env.fresh()
+  const [p, q] = (op === "Add" || op === "Mul") && String(b) < String(a) ? [b, a] : [a, b]
+  return `(${p}${sign}${q})`
+}
+
+/** The sum of dims along a concatenation axis, as a number or a derived symbol. */
+const sumDims = (ds: ReadonlyArray<SDim>): SDim => {
+  const n = ds.filter(isNum).reduce((p, q) => p + q, 0)
+  const syms = ds.filter((d): d is string => !isNum(d)).sort()
+  if (syms.length === 0) return n
+  if (syms.length === 1 && n === 0) return syms[0]
+  return `(${[...syms, ...(n === 0 ? [] : [String(n)])].join("+")})`
 }
 
 const sliceLen = (dim: number, start: number, end: number, step: number): number => {
@@ -441,7 +455,7 @@ const inferNode = (node: Onnx.Node, env: ShapeEnv, opset: number): ReadonlyArray
       const a = normAxis(attrInt("axis", 0), r)
       const along = dd.map((d) => d[a])
       const out = dd[0].map((x, i) => {
-        if (i === a) return allNum(along) ? (along as ReadonlyArray<number>).reduce((p, q) => p + q, 0) : along.length === 1 ? along[0] : env.fresh()
+        if (i === a) return sumDims(along)
         return dd.map((d) => d[i]).find(isNum) ?? x
       })
       const vs = node.inputs.map((_, k) => vals(k))
@@ -505,6 +519,8 @@ const inferNode = (node: Onnx.Node, env: ShapeEnv, opset: number): ReadonlyArray
         const value = n <= 64 ? Array.from({ length: n }, (_, i) => s[0] + i * dl[0]) : undefined
         return one({ dims: [n], ...(value ? { value } : {}) })
       }
+      const limit = vals(1)?.[0]
+      if (s?.[0] === 0 && dl?.[0] === 1 && limit !== undefined) return one({ dims: [limit] })
       return one({ dims: [env.fresh()] })
     }
     case "Transpose": {
@@ -690,6 +706,23 @@ export const analyze = (model: Onnx.Model): ReadonlyMap<string, Info> => {
   return out
 }
 
+/**
+ * The statically known dims of every tensor of a model (see {@link analyze}),
+ * in the form {@link BackwardOptions.shapes} takes: pass the whole model's
+ * to `backward` of each of its segments, whose inputs declare no shapes.
+ *
+ * @example
+ * const shapes = Autodiff.staticShapes(model)
+ * Autodiff.backward(Segments.toModel(index, segment), { outputs, wrt, shapes })
+ *
+ * @since 0.1.0
+ */
+export const staticShapes = (model: Onnx.Model): Readonly<Record<string, ReadonlyArray<number | string>>> => {
+  const out: Record<string, ReadonlyArray<number | string>> = {}
+  for (const [name, info] of analyze(model)) if (info.dims !== undefined) out[name] = info.dims
+  return out
+}
+
 // ---------------------------------------------------------------------------
 // Emission context
 // ---------------------------------------------------------------------------
@@ -773,6 +806,8 @@ export interface Ctx {
   dim(name: string, axis: number): string
   /** Sums `grad` (whose dims are `gradDims`, default those of output 0) down to the shape of forward tensor `input`. */
   unbroadcast(grad: string, input: string, gradDims?: ReadonlyArray<SDim>): string
+  /** Reshape to a run-time shape (zeros in it are sizes, not "copy": `allowzero` from opset 14). */
+  reshapeTo(x: string, shape: string): string
   /** Zeros of the shape and element type of forward tensor `name`. */
   zerosLike(name: string): string
   /** A reduction with axes given statically, as a runtime tensor, or all. */
@@ -955,6 +990,9 @@ const makeCtx = (s: Scope, node: Onnx.Node, gy: ReadonlyArray<string | undefined
     if (s.opset >= 13) return op1("Squeeze", [x, ints(axes)])
     return op1("Squeeze", [x], [Onnx.intsAttribute("axes", axes)])
   }
+  // Shapes read at run time may hold zeros (empty tensors): allowzero keeps them literal.
+  const reshapeTo = (x: string, shape: string): string =>
+    op1("Reshape", [x, shape], s.opset >= 14 ? { allowzero: 1n } : {})
   const unbroadcast = (grad: string, input: string, gradDims?: ReadonlyArray<SDim>): string => {
     const gd = gradDims ?? dims(node.outputs[0])
     const xd = dims(input)
@@ -988,7 +1026,7 @@ const makeCtx = (s: Scope, node: Onnx.Node, gy: ReadonlyArray<string | undefined
     }
     const axes = op1("Reshape", [op1("NonZero", [op1("Equal", [padded, ints([1])])]), ints([-1])])
     const summed = op1("ReduceSum", [grad, axes], { keepdims: 1n, noop_with_empty_axes: 1n })
-    return op1("Reshape", [summed, sx])
+    return reshapeTo(summed, sx)
   }
   const zerosLike = (name: string): string => {
     const t = elemType(name)
@@ -1021,6 +1059,7 @@ const makeCtx = (s: Scope, node: Onnx.Node, gy: ReadonlyArray<string | undefined
     shape,
     dim,
     unbroadcast,
+    reshapeTo,
     zerosLike,
     reduce,
     unsqueeze,
@@ -1045,7 +1084,7 @@ const unary =
 
 const passThrough: GradRule = unary((_, g) => g)
 
-const reshapeBack: GradRule = unary((c, g) => c.op("Reshape", [g, c.shape(c.x(0))]))
+const reshapeBack: GradRule = unary((c, g) => c.reshapeTo(g, c.shape(c.x(0))))
 
 const axisAttr = (c: Ctx, dflt: number): number => Number(Onnx.attrInt(c.node, "axis") ?? BigInt(dflt))
 
@@ -1263,10 +1302,10 @@ const transposeRule: GradRule = unary((c, g) => {
   return c.op("Transpose", [g], { perm: inv })
 })
 
-/** Integer indices normalized to [0, n): int64, negatives wrapped. */
+/** Integer indices normalized to [0, n): int64, negatives wrapped (`n` a 1-D int64 of length 1). */
 const normIndices = (c: Ctx, idx: string, n: string): string => {
   const i64 = c.elemType(idx) === DType.OnnxCode.INT64 ? idx : c.op("Cast", [idx], { to: BigInt(DType.OnnxCode.INT64) })
-  return c.op("Where", [c.op("Less", [i64, c.int(0)]), c.op("Add", [i64, n]), i64])
+  return c.op("Where", [c.op("Less", [i64, c.int(0)]), c.op("Add", [i64, c.op("Reshape", [n, c.ints([])])]), i64])
 }
 
 const gatherRule: GradRule = (c) => {
@@ -1305,7 +1344,7 @@ const gatherRule: GradRule = (c) => {
     const gF = c.op("Reshape", [gT, c.op("Concat", [c.ints([-1]), k], { axis: 0n })])
     const range = c.op("Range", [c.int(0), c.op("Squeeze", [n, c.ints([0])]), c.int(1)])
     const oneHot = c.op("Cast", [c.op("Equal", [idxF, range])], { to: BigInt(c.elemType(g)) })
-    out = c.op("Reshape", [c.op("Gemm", [oneHot, gF], { transA: 1n }), shapeD])
+    out = c.reshapeTo(c.op("Gemm", [oneHot, gF], { transA: 1n }), shapeD)
   }
   if (a === 0) return [out]
   const inv = new Array<bigint>(r)
@@ -1352,14 +1391,14 @@ const sliceRule: GradRule = unary((c, g) => {
   const x = c.x(0)
   const sx = c.shape(x)
   const n = c.reduce("ReduceProd", sx, undefined, false) // scalar
-  const ids = c.op("Reshape", [c.op("Range", [c.int(0), n, c.int(1)]), sx])
+  const ids = c.reshapeTo(c.op("Range", [c.int(0), n, c.int(1)]), sx)
   const inputs = [ids, c.x(1), c.x(2), c.x(3), c.x(4)]
   while (inputs[inputs.length - 1] === "") inputs.pop()
   const sel = c.op("Slice", inputs)
   const zeros = c.op("ConstantOfShape", [c.unsqueeze(n, [0])], { value: { ...scalarOrFloat(c, g), dims: [1] } })
   const z = scalarTensor(0, c.elemType(g)) === undefined ? c.op("Cast", [zeros], { to: BigInt(c.elemType(g)) }) : zeros
   const flat = c.op("ScatterND", [z, c.op("Reshape", [sel, c.ints([-1, 1])]), c.op("Reshape", [g, c.ints([-1])])])
-  return c.op("Reshape", [flat, sx])
+  return c.reshapeTo(flat, sx)
 })
 
 const concatRule: GradRule = (c) => {
@@ -1468,7 +1507,7 @@ const tileRule: GradRule = unary((c, g) => {
     c.op("Concat", [c.unsqueeze(reps, [1]), c.unsqueeze(c.shape(x), [1])], { axis: 1n }),
     c.ints([-1])
   ])
-  const split = c.op("Reshape", [g, inter])
+  const split = c.reshapeTo(g, inter)
   return c.reduce("ReduceSum", split, Array.from({ length: r }, (_, i) => 2 * i), false)
 })
 
@@ -1608,9 +1647,8 @@ export const rules = {
   CumSum: cumSumRule,
   Div: divRule,
   Dropout: (c) => {
-    if ((c.has(2) && c.constInts(c.x(2))?.[0] !== 0) || (Onnx.attrInt(c.node, "training_mode") ?? 0n) !== 0n) {
-      if (c.has(2)) c.fail("training-mode Dropout is not supported")
-    }
+    // inference mode (no training_mode input, or a constant false one) is the identity
+    if (c.has(2) && c.constInts(c.x(2))?.[0] !== 0) c.fail("training-mode Dropout is not supported")
     return c.gy[0] === undefined || !c.needs[0] ? [] : [c.gy[0]]
   },
   Equal: none,
@@ -2118,13 +2156,15 @@ const lowerSetIndex = (c: LowerContext): ReadonlyArray<string> => {
   })
   const n = all.length
   const r = base.shape.length
+  let v = value.names[0]
+  if (value.dtype !== base.dtype) v = c.b.node("Cast", [v], { attributes: { to: BigInt(DType.toOnnx(base.dtype)) } })
+  // ScatterND needs rank > 0; a scalar base is replaced whole
+  if (r === 0) return [c.b.node("Reshape", [v, i64c(c.b, [])])]
   const idx = c.b.node("Constant", [], {
     attributes: { value: Onnx.makeTensor("", "int64", [n, r], BigInt64Array.from(all.flat().map(BigInt))) }
   })
-  let v = value.names[0]
-  if (value.dtype !== base.dtype) v = c.b.node("Cast", [v], { attributes: { to: BigInt(DType.toOnnx(base.dtype)) } })
   const expanded = c.b.node("Expand", [v, i64c(c.b, resolved.shape)])
-  const flat = c.b.node("Reshape", [expanded, i64c(c.b, [n])])
+  const flat = c.b.node("Reshape", [expanded, i64c(c.b, [n])], { attributes: c.opset >= 14 ? { allowzero: 1n } : {} })
   return [c.b.node("ScatterND", [base.names[0], idx, flat])]
 }
 
@@ -2141,6 +2181,15 @@ export const interventionRules = {
   Mul: direct("Mul"),
   Div: direct("Div"),
   Pow: direct("Pow"),
+  Mod: {
+    // Python's %: x - floor(x / y) * y for floats (ONNX Mod cannot give the divisor's sign); Mod(fmod=0) for integers
+    differentiable: true,
+    lower: (c) => {
+      const [x, y] = c.args.map((a) => a.names[0])
+      if (!DType.isFloat(c.args[0].dtype)) return [c.b.node("Mod", [x, y], { attributes: { fmod: 0n } })]
+      return [c.b.node("Sub", [x, c.b.node("Mul", [c.b.node("Floor", [c.b.node("Div", [x, y])]), y])])]
+    }
+  },
   Neg: direct("Neg"),
   Abs: direct("Abs"),
   Exp: direct("Exp"),
@@ -2180,7 +2229,12 @@ export const interventionRules = {
   Cast: direct("Cast", true, (c) => ({ to: BigInt(DType.toOnnx(c.attrs.to as DType.DType)) })),
   Reshape: {
     differentiable: true,
-    lower: (c) => [c.b.node("Reshape", [c.args[0].names[0], i64c(c.b, c.attrs.shape as ReadonlyArray<number>)])]
+    lower: (c) => {
+      const shape = c.attrs.shape as ReadonlyArray<number>
+      // zeros are sizes, as in the Reshape kernel (allowzero cannot be combined with -1)
+      const literal = c.opset >= 14 && shape.includes(0) && !shape.includes(-1)
+      return [c.b.node("Reshape", [c.args[0].names[0], i64c(c.b, shape)], { attributes: literal ? { allowzero: 1n } : {} })]
+    }
   },
   Transpose: direct("Transpose", true, (c) => {
     const r = rankOf(c)
@@ -2229,6 +2283,20 @@ export interface InterventionStep {
 }
 
 /**
+ * A value entering a lowered intervention computation: a graph input (an
+ * activation, a user tensor), or, with `value`, a constant (scalar operands,
+ * literals) stored as an initializer.
+ *
+ * @since 0.1.0
+ */
+export interface InterventionInput {
+  readonly name: string
+  readonly dtype: DType.DType
+  readonly shape: ReadonlyArray<number>
+  readonly value?: Onnx.TensorDataLike
+}
+
+/**
  * Lowers a sequence of intervention operations to an ONNX model whose inputs
  * are `inputs` (concrete dtypes and shapes, e.g. the hooked activations) and
  * whose outputs are `outputs`, so that {@link backward} differentiates it.
@@ -2244,13 +2312,16 @@ export interface InterventionStep {
  */
 export const lowerIntervention = (
   steps: ReadonlyArray<InterventionStep>,
-  inputs: ReadonlyArray<{ readonly name: string; readonly dtype: DType.DType; readonly shape: ReadonlyArray<number> }>,
+  inputs: ReadonlyArray<InterventionInput>,
   outputs: ReadonlyArray<string>,
   opset = 17
 ): Onnx.Model => {
   const b = OnnxBuilder.make({ opset, graphName: "intervention" })
   const values = new Map<string, LoweredValue>()
-  for (const i of inputs) values.set(i.name, { names: [b.input(i.name, i.dtype, i.shape)], dtype: i.dtype, shape: i.shape })
+  for (const i of inputs) {
+    const name = i.value === undefined ? b.input(i.name, i.dtype, i.shape) : b.initializer(i.name, i.dtype, i.shape, i.value)
+    values.set(i.name, { names: [name], dtype: i.dtype, shape: i.shape })
+  }
   for (const step of steps) {
     const args = step.args.map((a) => {
       const v = values.get(a)

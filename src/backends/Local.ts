@@ -438,6 +438,13 @@ export const start = (
           }
           case "Op": {
             if (!ready(node.args)) return false
+            if (node.op === "Select") {
+              // picks one output of a multi-output op (TopK's values or indices)
+              const tuple = values.get(node.args[0])
+              values.set(node.id, Array.isArray(tuple) ? (tuple as ReadonlyArray<Tensor>)[node.attrs.index as number] : tuple!)
+              node.args.forEach(release)
+              return true
+            }
             const args = yield* Effect.try({ try: () => operands(node), catch: (e) => fail(node.site, e) })
             const out = yield* Kernels.run(sessions, node.op, args, node.attrs).pipe(
               Effect.mapError((e) => fail(node.site, e))

@@ -74,12 +74,28 @@ export class Recorder {
   readonly functions: Array<(...args: ReadonlyArray<never>) => unknown> = []
   /** Whether nodes are being recorded inside a trace (not at session level). */
   inTrace = true
+  /**
+   * Scans each recorded node when the trace's input is known, so `.shape`
+   * is concrete while tracing (set by the model; absent in invoke mode).
+   */
+  shapeOf: ((node: Graph.Node) => ReadonlyArray<number | string> | undefined) | undefined
+  private readonly shapes = new Map<number, ReadonlyArray<number | string>>()
+
+  /** The known shape of a node's value. */
+  knownShape(id: number): ReadonlyArray<number | string> | undefined {
+    return this.shapes.get(id)
+  }
 
   push(body: NodeBody, site: string = Site.here()): number {
     if (this.cursor < this.replayUntil) return this.cursor++
     const id = this.nextId++
-    this.lists[this.lists.length - 1].push({ ...body, id, site } as Graph.Node)
+    const node = { ...body, id, site } as Graph.Node
+    this.lists[this.lists.length - 1].push(node)
     this.cursor = id + 1
+    if (this.shapeOf !== undefined) {
+      const shape = this.shapeOf(node)
+      if (shape !== undefined) this.shapes.set(id, shape)
+    }
     return id
   }
 
@@ -414,9 +430,15 @@ export class TensorProxy {
     checkIndex(items)
     return this.recorder.op("Index", [this], { items: encodeItems(items) })
   }
-  /** The shape, as an int64 tensor. */
-  get shape(): TensorProxy {
-    return this.recorder.op("Shape", [this])
+  /**
+   * The shape. While tracing with an input (and in `model.scan`) it is known
+   * at once: index it (`x.shape[1]`), spread it, compare it. Symbolic
+   * dimensions read as strings. Returned from a trace, it comes back as the
+   * int64 tensor of the shape.
+   */
+  get shape(): ShapeProxy {
+    const proxy = this.recorder.op("Shape", [this])
+    return shapeProxy(proxy, this.recorder.knownShape(this.id))
   }
 }
 
@@ -427,6 +449,35 @@ const checkIndex = (items: ReadonlyArray<Index.Item>): void => {
   } catch (e) {
     throw new Errors.InvalidValue({ site: Site.here(), reason: e instanceof Error ? e.message : String(e) })
   }
+}
+
+/**
+ * The shape of a proxied tensor: a proxy of its int64 shape tensor that also
+ * reads as an array of dimensions when they are known at trace time.
+ *
+ * @since 0.1.0
+ */
+export type ShapeProxy = TensorProxy & { readonly [dim: number]: number; readonly length: number; readonly dims: ReadonlyArray<number | string> } & Iterable<number>
+
+const shapeProxy = (proxy: TensorProxy, dims: ReadonlyArray<number | string> | undefined): ShapeProxy => {
+  const known = () => {
+    if (dims === undefined) {
+      throw new Errors.InvalidValue({
+        site: Site.here(),
+        reason: "this shape is not known while tracing (it is, in a trace given its input, or in model.scan); use it as a tensor instead"
+      })
+    }
+    return dims
+  }
+  return new Proxy(proxy, {
+    get(target, key, receiver) {
+      if (key === "dims") return known()
+      if (key === "length") return known().length
+      if (key === Symbol.iterator) return () => known()[Symbol.iterator]()
+      if (typeof key === "string" && /^\d+$/.test(key)) return known()[Number(key)]
+      return Reflect.get(target, key, receiver)
+    }
+  }) as ShapeProxy
 }
 
 const reduction = (axes: number | ReadonlyArray<number> | undefined, keepdims: boolean) =>
@@ -838,9 +889,12 @@ export const record = <I, R>(
     readonly extend?: (recorder: Recorder) => Record<string, unknown>
     /** The model's edits, recorded first, for every row and step. */
     readonly edits?: ReadonlyArray<(m: Envoy) => void>
+    /** Scans nodes as they are recorded, making `.shape` concrete (see `Recorder.shapeOf`). */
+    readonly shapeOf?: (node: Graph.Node) => ReadonlyArray<number | string> | undefined
   }
 ): Recording<I> => {
   const recorder = new Recorder(root, options.steps ?? 1)
+  recorder.shapeOf = options.shapeOf
   let inputs: Array<I> = []
   let allFrom: number | undefined
   const begin = () => {

@@ -23,6 +23,8 @@ import { Backend } from "../backends/Backend.js"
 import type * as Local from "../backends/Local.js"
 import * as Values from "../backends/Values.js"
 import * as Session from "../backends/Session.js"
+import * as Scan from "../backends/Scan.js"
+import * as Shapes from "./Shapes.js"
 import * as Sessions from "../backends/Sessions.js"
 import * as Loaded from "./Loaded.js"
 import * as ModuleTree from "./ModuleTree.js"
@@ -64,6 +66,22 @@ export interface Batch {
   readonly feeds: Readonly<Record<string, Tensor>>
   readonly rows: ReadonlyArray<Local.Rows>
 }
+
+/**
+ * What {@link TracedModel.scan} gives: proxies become their dtype and shape
+ * (symbolic dimensions as strings), `.shape`s their dimensions.
+ *
+ * @since 0.1.0
+ */
+export type Scanned<R> = R extends Tracer.ShapeProxy
+  ? ReadonlyArray<number | string>
+  : R extends Tracer.TensorProxy
+    ? { readonly dtype: string; readonly shape: ReadonlyArray<number | string> }
+    : R extends ReadonlyArray<unknown>
+      ? { readonly [K in keyof R]: Scanned<R[K]> }
+      : R extends object
+        ? { readonly [K in keyof R]: Scanned<R[K]> }
+        : R
 
 type TraceFn<I, R> = (m: Tracer.Envoy, t: Tracer.Context<I>) => R
 
@@ -204,6 +222,61 @@ export class TracedModel<I> {
   }
 
   /**
+   * Shapes and dtypes without running anything: the model and the
+   * interventions run on fake tensors (no onnxruntime session is created).
+   * Each returned proxy comes back as `{ dtype, shape }`; a returned `.shape`
+   * as its dimensions. Wrong interventions fail as they would in a trace.
+   *
+   * @example
+   * const { h } = await model.scan(prompt, (m) => ({ h: m.model.layers[1].output }))
+   * h.shape // [1, 14, 64]
+   *
+   * @since 0.1.0
+   */
+  scan<R>(input: I, fn: TraceFn<I, R>): Promise<Scanned<R>> {
+    return runPromise(this.scanEffect(input, fn))
+  }
+
+  protected scanEffect<R>(input: I, fn: TraceFn<I, R>): Effect.Effect<Scanned<R>, Errors.TraceError> {
+    const self = this
+    return Effect.gen(function*() {
+      const batch = yield* self.prepare([input])
+      const scanner = Scan.make(self.runtime.loaded, { inputs: batch.feeds, rows: batch.rows })
+      const recording = yield* Effect.try({
+        try: () =>
+          Tracer.record(self.runtime.loaded.tree.root, fn, {
+            input,
+            hasInput: true,
+            edits: self.edits,
+            shapeOf: (node) => scanner.add(node)?.shape.map((d) => (typeof d === "number" ? d : Shapes.formatDim(d)))
+          }),
+        catch: (e) => toTraceError(e)
+      })
+      const outcome = yield* Effect.try({ try: () => scanner.finish(), catch: (e) => toTraceError(e) })
+      const shapes = (r: Graph.Result): unknown => {
+        switch (r._tag) {
+          case "Ref": {
+            const f = outcome.values.get(r.id)
+            if (f === undefined) return undefined
+            const dims = (d: Shapes.Dim) => (typeof d === "number" ? d : Shapes.formatDim(d))
+            const node = Graph.flatten(recording.graph.nodes).find((n) => n.id === r.id)
+            if (node?._tag === "Op" && node.op === "Shape" && f.value !== undefined) return f.value.map(dims)
+            return { dtype: f.dtype, shape: f.shape.map(dims) }
+          }
+          case "List":
+          case "Steps":
+            return r.items.map(shapes)
+          case "Record":
+            return Object.fromEntries(Object.entries(r.fields).map(([k, v]) => [k, shapes(v)]))
+          case "Value":
+            return r.value === null ? undefined : r.value
+        }
+      }
+      return shapes(recording.graph.result) as Scanned<R>
+    })
+  }
+
+  /**
    * Runs several traces, and the loops, conditions and values around them,
    * as one graph (so it can run elsewhere as one request). Values from one
    * trace flow into later ones; the session's return value comes back with
@@ -266,11 +339,28 @@ export class TracedModel<I> {
   ): Effect.Effect<Tracer.Saved<R>, Errors.TraceError> {
     const self = this
     return Effect.gen(function*() {
+      // with the input known up front, nodes are scanned as they are recorded:
+      // `.shape` is concrete and a wrong intervention fails at its own line
+      const scannable = Scan.unsupportedOps(self.runtime.loaded.model).length === 0
+      const early = hasInput && scannable ? yield* self.prepare([input]) : undefined
+      const scanner = early && Scan.make(self.runtime.loaded, { inputs: early.feeds, rows: early.rows })
       const recording = yield* Effect.try({
-        try: () => Tracer.record(self.runtime.loaded.tree.root, fn, { input, hasInput, edits: self.edits }),
+        try: () =>
+          Tracer.record(self.runtime.loaded.tree.root, fn, {
+            input,
+            hasInput,
+            edits: self.edits,
+            shapeOf: scanner && ((node) => scanner.add(node)?.shape.map((d) => (typeof d === "number" ? d : Shapes.formatDim(d))))
+          }),
         catch: (e) => toTraceError(e)
       })
-      const batch = yield* self.prepare(recording.inputs)
+      const batch = early ?? (yield* self.prepare(recording.inputs))
+      // validation before anything runs: no session is created for a graph that cannot run
+      if (scanner !== undefined) yield* Effect.try({ try: () => scanner.finish(), catch: (e) => toTraceError(e) })
+      else if (scannable) {
+        const invalid = Scan.validate(self.runtime.loaded, { graph: recording.graph, inputs: batch.feeds, rows: batch.rows })
+        if (invalid !== undefined) return yield* Effect.fail(invalid)
+      }
       const provided = yield* Effect.serviceOption(Backend)
       const backend = options.backend ?? Option.getOrElse(provided, () => self.backend)
       const outcome = yield* backend.execute({
