@@ -38,7 +38,7 @@
  * **Shapes.** Backward graphs are shape-polymorphic: shapes are read at run
  * time (`Shape` ops), except where a static analysis (ranks, numeric dims,
  * and symbolic dims that must be equal) proves them. Broadcasting is undone
- * by {@link Ctx.unbroadcast}: statically (ReduceSum over the leading axes and
+ * by `Ctx.unbroadcast`: statically (ReduceSum over the leading axes and
  * the axes where the input has size 1) when the analysis knows the shapes,
  * else at run time: `axes = NonZero(Equal(Concat(ones, Shape(x)), 1))`,
  * `ReduceSum(g, axes, keepdims=1, noop_with_empty_axes=1)` then `Reshape` to
@@ -55,6 +55,12 @@
  * `GatherElements` and `GatherND` accumulate with `ScatterND`/
  * `ScatterElements` `reduction="add"` from opset 16 and with a one-hot
  * `Gemm` (or masked sum) before.
+ *
+ * **Segments.** A segment model (`Segments.toModel`) declares no shapes for
+ * its inputs; pass the whole model's {@link staticShapes} as `shapes` so the
+ * rules that need ranks (MatMul, Transpose without `perm`, Gather on an axis
+ * other than 0, ...) find them. {@link withOutputs} adds the tensors a
+ * backward model needs as extra outputs of a forward model.
  *
  * **Intervention ops.** {@link interventionRules}
  * (`satisfies Record<Ops.OpName, InterventionRule>`) lowers every

@@ -99,6 +99,11 @@ export class Recorder {
     return id
   }
 
+  /** The node list being recorded into now. */
+  current(): Array<Graph.Node> {
+    return this.lists[this.lists.length - 1]
+  }
+
   /** Records `fn` into a new node list (a nested body) and returns it. */
   block(fn: () => void): Array<Graph.Node> {
     const list: Array<Graph.Node> = []
@@ -1071,7 +1076,7 @@ export const recordSession = <I, R>(
       recorder.invoke = 0
       recorder.invokes = inputs.length
       recorder.step = 0
-      recorder.nested(
+      const traceId = recorder.nested(
         (id) => ({ _tag: "Trace", id, site, inputs: inputIds, steps: 1, options: null, body: nodes }),
         () => {
           nodes = recorder.block(() => {
@@ -1093,7 +1098,12 @@ export const recordSession = <I, R>(
         }
       )
       // the invokes' inputs go before the trace node in the session's list
+      const list = recorder.current()
+      const before = list.length
       for (const i of invokeInputs) inputIds.push(outerInput(i, site))
+      const moved = list.splice(before)
+      const at = list.findIndex((n) => n._tag === "Trace" && n.id === traceId)
+      list.splice(at, 0, ...moved)
       recorder.invoke = saved.invoke
       recorder.invokes = saved.invokes
       recorder.step = saved.step

@@ -312,6 +312,19 @@ export class TracedModel<I> {
     })
   }
 
+  /**
+   * Records a session callback without running it: its graph (for pictures,
+   * printing, sending).
+   *
+   * @example
+   * Picture.toDot(model.recordSession((s) => { ... }).graph)
+   *
+   * @since 0.1.0
+   */
+  recordSession<R>(fn: (s: Tracer.SessionContext<I>) => R): Tracer.SessionRecording {
+    return Tracer.recordSession(this.runtime.loaded.tree.root, fn, this.edits)
+  }
+
   /** Releases every onnxruntime session of this model (an edited copy leaves them to its original). */
   async close(): Promise<void> {
     if (this.owner) await Effect.runPromise(Scope.close(this.scope, Exit.void))
