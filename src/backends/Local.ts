@@ -39,6 +39,7 @@ import * as Segments from "../models/Segments.js"
 import * as Kernels from "./Kernels.js"
 import * as Sessions from "./Sessions.js"
 import * as Values from "./Values.js"
+import * as Backprop from "./Backprop.js"
 
 /**
  * A loaded model with its session cache.
@@ -287,11 +288,71 @@ export const start = (
       }
     }
 
+    // -- backward passes ------------------------------------------------------
+    // each gradient read/set belongs to the first backward() recorded after it
+    const backwards = nodes.filter((nd) => nd._tag === "Backward").map((nd) => nd.id).sort((a, b) => a - b)
+    const boundTo = new Map<number, number>()
+    const gradTarget = new Map<number, { readonly tensor?: string; readonly param?: { readonly init: string; readonly transposed: boolean }; readonly rows?: Rows }>()
+    const backTensors = new Set<string>()
+    const backParams = new Set<string>()
+    for (const nd of nodes) {
+      if (nd._tag !== "Grad" && nd._tag !== "SetGrad") continue
+      const b = backwards.find((id) => id > nd.id)
+      if (b === undefined) {
+        return yield* new Errors.InvalidValue({ site: nd.site, reason: "a gradient is read or set, but no backward() is recorded after it" })
+      }
+      boundTo.set(nd.id, b)
+      const of = byId.get(nd.of)
+      if (of?._tag === "Hook") {
+        const site = hookSites.get(hookKey(of.ref))!
+        gradTarget.set(nd.id, { tensor: site.tensor, rows: rows[of.ref.invoke] })
+        backTensors.add(site.tensor)
+      } else if (of?._tag === "Param") {
+        const module = loaded.tree.modules.get(of.module)
+        const p = module?.parameters.find((q) => q.name === of.name)
+        if (p === undefined) return yield* new Errors.UnknownModule({ path: of.module, name: of.name, available: [], site: of.site })
+        gradTarget.set(nd.id, { param: { init: p.initializer, transposed: p.transposed } })
+        backParams.add(p.initializer)
+      } else {
+        return yield* new Errors.InvalidValue({
+          site: nd.site,
+          reason: "gradients can be read and set on module inputs and outputs and on parameters"
+        })
+      }
+    }
+    // the loss's ingredients stay until backward runs
+    const keepForBackward = new Set<number>()
+    const ancestors = (id: number) => {
+      if (keepForBackward.has(id)) return
+      keepForBackward.add(id)
+      const nd = byId.get(id)
+      if (nd !== undefined) Graph.dependencies(nd).forEach(ancestors)
+    }
+    for (const b of backwards) {
+      const nd = byId.get(b)!
+      if (nd._tag === "Backward") ancestors(nd.loss)
+    }
+    const backBorders = backwards.length > 0 ? Backprop.cuts(loaded, backTensors) : []
+    const backForward = new Set<string>()
+    if (backwards.length > 0) {
+      const planned = yield* Effect.try({
+        try: () => Backprop.neededForward(loaded, backBorders, backParams),
+        catch: (e) => new Errors.InvalidValue({ site: byId.get(backwards[0])!.site, reason: `cannot differentiate this model: ${e instanceof Error ? e.message : String(e)}` })
+      })
+      planned.forEach((t) => backForward.add(t))
+      for (let k = 0; k + 1 < backBorders.length; k++) {
+        Segments.segment(idx, backBorders[k], backBorders[k + 1]).outputs.forEach((t) => backForward.add(t))
+      }
+    }
+    let forwardDone = false
+    let inBackward = false
+    const appliedGrads = new Set<number>()
+
     // -- node bookkeeping ----------------------------------------------------
     const values = new Map<number, Val>(options.externals ?? [])
     const done = new Set<number>(options.externals?.keys() ?? [])
     const uses = new Map<number, number>()
-    const resultIds = new Set([...Graph.resultRefs(graph.result), ...(options.keep ?? [])])
+    const resultIds = new Set([...Graph.resultRefs(graph.result), ...(options.keep ?? []), ...keepForBackward])
     for (const node of nodes) for (const d of Graph.dependencies(node)) uses.set(d, (uses.get(d) ?? 0) + 1)
     const snapshots = new Map<string, Tensor>()
     const hookUsers = new Map<string, number>()
@@ -514,6 +575,21 @@ export const start = (
             release(node.predicate)
             return true
           }
+          case "Grad":
+            return values.has(node.id)
+          case "SetGrad":
+            return appliedGrads.has(node.id)
+          case "Backward": {
+            if (!forwardDone || inBackward || !ready([node.loss])) return false
+            inBackward = true
+            try {
+              yield* runBackward(node)
+            } finally {
+              inBackward = false
+            }
+            values.set(node.id, true)
+            return true
+          }
           case "Iter":
           case "Trace":
             return false
@@ -523,6 +599,104 @@ export const start = (
             return true
           }
         }
+      })
+
+    const zerosLike = (t: Tensor): Tensor => new Tensor(t.dtype, t.shape, DType.arrayFor(t.dtype, t.size) as DType.ArrayOf[DType.DType])
+    const addInto = (acc: Map<string, Tensor>, name: string, g: Tensor) => {
+      const prev = acc.get(name)
+      if (prev === undefined) {
+        acc.set(name, g)
+        return
+      }
+      const a = prev.data as Float32Array
+      const b = g.data as Float32Array
+      const sum = new Float32Array(a.length)
+      for (let i = 0; i < a.length; i++) sum[i] = a[i] + b[i]
+      acc.set(name, new Tensor(prev.dtype, prev.shape, sum as DType.ArrayOf[DType.DType]))
+    }
+    const forwardTensor = (name: string): Tensor | undefined => env.get(name)
+
+    const runBackward = (node: Graph.Node & { _tag: "Backward" }): Effect.Effect<void, Errors.TraceError> =>
+      Effect.gen(function*() {
+        const bound = nodes.filter((nd) => boundTo.get(nd.id) === node.id).sort((a, b) => a.id - b.id)
+        const gradAcc = new Map<string, Tensor>()
+        const paramAcc = new Map<string, Tensor>()
+        // 1. through the interventions that built the loss, to the module values it read
+        const leafGrads = yield* Backprop.lossGradients(
+          sessions,
+          byId,
+          node.loss,
+          (id) => {
+            const v = values.get(id)
+            return v instanceof Tensor || typeof v === "number" || typeof v === "boolean" ? v : undefined
+          },
+          (nd) => nd._tag === "Hook"
+        )
+        for (const [id, g] of leafGrads) {
+          const hook = byId.get(id)
+          if (hook?._tag !== "Hook") continue
+          const site = hookSites.get(hookKey(hook.ref))!
+          const whole = forwardTensor(site.tensor) ?? snapshots.get(site.key)
+          if (whole === undefined) continue
+          addInto(gradAcc, site.tensor, replaceRows(zerosLike(whole), g, rows[hook.ref.invoke], batch, invokes))
+        }
+        // 2. through the model, segment by segment from its end
+        const fire = (border: number) =>
+          Effect.gen(function*() {
+            for (const nd of bound) {
+              const target = gradTarget.get(nd.id)!
+              if (target.tensor === undefined) continue
+              const p = idx.producer.get(target.tensor)
+              const cut = p === undefined ? 0 : idx.position[p] + 1
+              if (cut !== border) continue
+              const whole = forwardTensor(target.tensor)
+              const current = gradAcc.get(target.tensor) ?? (whole ? zerosLike(whole) : undefined)
+              if (current === undefined) continue
+              if (nd._tag === "Grad") {
+                values.set(nd.id, narrow(current, target.rows, batch, invokes))
+                yield* runReady
+              } else if (nd._tag === "SetGrad") {
+                yield* runReady
+                const v = values.get(nd.value)
+                if (v === undefined) {
+                  return yield* new Errors.OutOfOrder({ site: nd.site, reason: "the new gradient needs a value that backward computes only later" })
+                }
+                const replaced = yield* Effect.try({
+                  try: () => replaceRows(current, asTensor(v), target.rows, batch, invokes),
+                  catch: (e) => new Errors.InvalidValue({ site: nd.site, reason: `cannot set this gradient: ${e instanceof Error ? e.message : String(e)}` })
+                })
+                gradAcc.set(target.tensor, replaced)
+                appliedGrads.add(nd.id)
+                yield* runReady
+              }
+            }
+          })
+        for (let k = backBorders.length - 2; k >= 0; k--) {
+          const [start, end] = [backBorders[k], backBorders[k + 1]]
+          const outputs = Segments.segment(idx, start, end).outputs
+          const s = Backprop.step(loaded, start, end, new Set(outputs), backParams)
+          if (s !== undefined && s.outputs.some((o) => gradAcc.has(o))) {
+            const seeds = new Map<string, Tensor>()
+            for (const o of s.outputs) {
+              const g = gradAcc.get(o) ?? (forwardTensor(o) && zerosLike(forwardTensor(o)!))
+              if (g === undefined) return yield* new Errors.ExecutionError({ site: node.site, reason: `internal: no forward value of "${o}" for backward` })
+              seeds.set(o, g)
+            }
+            const grads = yield* Backprop.runStep(sessions, s, seeds, forwardTensor)
+            for (const [w, g] of grads) addInto(backParams.has(w) ? paramAcc : gradAcc, w, g)
+          }
+          yield* fire(start)
+        }
+        // parameters
+        for (const nd of bound) {
+          const target = gradTarget.get(nd.id)!
+          if (target.param === undefined || nd._tag !== "Grad") continue
+          const init = loaded.model.graph.initializers.find((t) => t.name === target.param!.init)!
+          const dtype = DType.fromOnnx(init.dataType)!
+          const g = paramAcc.get(target.param.init) ?? new Tensor(dtype, init.dims.map(Number), DType.arrayFor(dtype, init.dims.map(Number).reduce((a, b) => a * b, 1)) as DType.ArrayOf[DType.DType])
+          values.set(nd.id, target.param.transposed ? Kernels.transpose2d(g) : g)
+        }
+        yield* runReady
       })
 
     const pending = new Set(nodes.map((nd) => nd.id).filter((id) => !done.has(id)))
@@ -591,7 +765,7 @@ export const start = (
         }
         const bounds = [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
         const events = here.sort((a, b) => a.position - b.position || a.order - b.order)
-        const readTensors = new Set(events.map((e) => e.tensor))
+        const readTensors = new Set([...events.map((e) => e.tensor), ...backForward])
         const pins = new Set([...applyPins, ...readTensors])
 
         const valueAt = (tensor: string, site: HookSite): Tensor | undefined => {
@@ -655,6 +829,7 @@ export const start = (
             if ((idx.lastUse.get(name) ?? -1) < segEnd && !pins.has(name) && !idx.graphOutputs.has(name)) env.delete(name)
           }
         }
+        forwardDone = true
         const outputs = new Map<string, Tensor>()
         for (const o of loaded.model.graph.outputs) {
           const t = env.get(o.name)

@@ -196,6 +196,30 @@ export const Call = Schema.TaggedStruct("Call", { id: Schema.Number, site: Site,
 export const Log = Schema.TaggedStruct("Log", { id: Schema.Number, site: Site, args: Schema.Array(Schema.Number) })
 
 /**
+ * The gradient of a node's value (a module input/output read, or a
+ * parameter) in the first `Backward` recorded after this node.
+ *
+ * @since 0.1.0
+ */
+export const Grad = Schema.TaggedStruct("Grad", { id: Schema.Number, site: Site, of: Schema.Number })
+
+/**
+ * Replaces the gradient of a node's value in the next `Backward`: what flows
+ * further back is the new value.
+ *
+ * @since 0.1.0
+ */
+export const SetGrad = Schema.TaggedStruct("SetGrad", { id: Schema.Number, site: Site, of: Schema.Number, value: Schema.Number })
+
+/**
+ * Back-propagates from a value (its gradient seeded with ones) through the
+ * interventions and the model, once the forward pass is done.
+ *
+ * @since 0.1.0
+ */
+export const Backward = Schema.TaggedStruct("Backward", { id: Schema.Number, site: Site, loss: Schema.Number })
+
+/**
  * Runs `then` when the predicate holds (a true JS value, or a tensor whose
  * elements are all true), else `otherwise`.
  *
@@ -285,6 +309,9 @@ export type Node =
   | typeof Append.Type
   | typeof Call.Type
   | typeof Log.Type
+  | typeof Grad.Type
+  | typeof SetGrad.Type
+  | typeof Backward.Type
   | Cond
   | Iter
   | Trace
@@ -310,6 +337,9 @@ export const Node: Schema.Codec<Node> = Schema.Union([
   Append,
   Call,
   Log,
+  Grad,
+  SetGrad,
+  Backward,
   Cond,
   Iter,
   Trace
@@ -444,6 +474,12 @@ export const dependencies = (node: Node): ReadonlyArray<number> => {
       return node.items
     case "Append":
       return [node.target, node.value]
+    case "Grad":
+      return [node.of]
+    case "SetGrad":
+      return [node.of, node.value]
+    case "Backward":
+      return [node.loss]
     case "Cond":
       return [node.predicate]
     case "Iter":
@@ -516,6 +552,12 @@ export const label = (node: Node): string => {
       return `%${node.id} = apply(fn#${node.fn}${node.args.map((x) => `, %${x}`).join("")})`
     case "Log":
       return `%${node.id} = log(${node.args.map((x) => `%${x}`).join(", ")})`
+    case "Grad":
+      return `%${node.id} = %${node.of}.grad`
+    case "SetGrad":
+      return `%${node.id} = %${node.of}.grad := %${node.value}`
+    case "Backward":
+      return `%${node.id} = %${node.loss}.backward()`
     case "Cond":
       return `%${node.id} = if %${node.predicate}`
     case "Iter":

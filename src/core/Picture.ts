@@ -53,6 +53,12 @@ const describe = (node: Graph.Node): Shape => {
       return { label: "log", kind: "op" }
     case "Stop":
       return { label: "stop", kind: "stop" }
+    case "Grad":
+      return { label: "grad", kind: "read" }
+    case "SetGrad":
+      return { label: "set grad", kind: "set" }
+    case "Backward":
+      return { label: "backward", kind: "control" }
     case "Cond":
       return { label: "if", kind: "control" }
     case "Iter":

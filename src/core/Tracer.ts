@@ -436,6 +436,24 @@ export class TensorProxy {
     return this.recorder.op("Index", [this], { items: encodeItems(items) })
   }
   /**
+   * The gradient of this value (a module's input or output, or a parameter)
+   * in the next `backward()` recorded after this read. `.grad.set(v)` replaces
+   * it: what flows further back is `v`.
+   *
+   * @example
+   * const g = m.layer1.output.grad
+   * m.output.sum().backward()
+   */
+  get grad(): GradProxy {
+    return new GradProxy(this.recorder, this.recorder.push({ _tag: "Grad", of: this.id }), this.id)
+  }
+
+  /** Back-propagates from this value (seeded with ones) once the forward pass is done. */
+  backward(): void {
+    this.recorder.push({ _tag: "Backward", loss: this.id })
+  }
+
+  /**
    * The shape. While tracing with an input (and in `model.scan`) it is known
    * at once: index it (`x.shape[1]`), spread it, compare it. Symbolic
    * dimensions read as strings. Returned from a trace, it comes back as the
@@ -504,6 +522,33 @@ export const decodeItems = (u: unknown): ReadonlyArray<Index.Item> =>
     }
     return i as Index.Item
   })
+
+/**
+ * A gradient. `set(v)` replaces it in the backward pass.
+ *
+ * @since 0.1.0
+ */
+export class GradProxy extends TensorProxy {
+  constructor(
+    recorder: Recorder,
+    id: number,
+    readonly of: number
+  ) {
+    super(recorder, id)
+  }
+
+  /** Replaces this gradient: what flows further back is `value`. */
+  set(value: Operand): void {
+    const site = Site.here()
+    const v = this.recorder.operand(value, site)
+    this.recorder.push({ _tag: "SetGrad", of: this.of, value: v }, site)
+  }
+
+  /** Replaces this gradient by `fn(gradient)`. */
+  update(fn: (g: TensorProxy) => Operand): void {
+    this.set(fn(this))
+  }
+}
 
 /**
  * A module's input or output tensor. Besides tensor operations, it can be
