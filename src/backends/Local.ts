@@ -175,6 +175,24 @@ const narrow = (t: Tensor, rows: Rows | undefined, batch: number, invokes: numbe
 /** Broadcasts `value` into the rows of `base` (all of it when not batched). */
 const replaceRows = (base: Tensor, value: Tensor, rows: Rows | undefined, batch: number, invokes: number): Tensor => {
   const whole = rows === undefined || invokes <= 1 || base.shape.length === 0 || base.shape[0] !== batch
+  // fast paths: a scalar fills, a value of the target's own shape is copied in
+  if (base.dtype !== "string" && base.dtype !== "float16") {
+    const rowSize = base.shape.slice(1).reduce((a, b) => a * b, 1)
+    const [from, count] = whole ? [0, base.size] : [rows!.start * rowSize, rows!.count * rowSize]
+    const targetShape = whole ? base.shape : [rows!.count, ...base.shape.slice(1)]
+    const v = value.dtype === base.dtype ? value : Kernels.castTo(value, base.dtype)
+    const sameShape = v.shape.length === targetShape.length && v.shape.every((d, i) => d === targetShape[i])
+    if (v.size === 1 || sameShape) {
+      const data = (whole ? DType.arrayFor(base.dtype, base.size) : (base.data as Exclude<DType.TypedData, Array<string>>).slice()) as Exclude<
+        DType.TypedData,
+        Array<string>
+      >
+      const src = v.data as Exclude<DType.TypedData, Array<string>>
+      if (v.size === 1) (data as unknown as { fill: (x: unknown, a: number, b: number) => void }).fill(src[0], from, from + count)
+      else (data as unknown as { set: (x: unknown, o: number) => void }).set(src, from)
+      return new Tensor<DType.DType>(base.dtype as DType.DType, base.shape, data as unknown as DType.ArrayOf[DType.DType])
+    }
+  }
   return Kernels.assign(base, whole ? [] : [`${rows.start}:${rows.start + rows.count}`], value)
 }
 
@@ -699,6 +717,42 @@ export const start = (
         yield* runReady
       })
 
+    /** A cheap check that `step` might run the node now (it rechecks). */
+    const has = (d: number) => done.has(d) && values.has(d)
+    const allHave = (ids: ReadonlyArray<number>) => {
+      for (let k = 0; k < ids.length; k++) if (!has(ids[k])) return false
+      return true
+    }
+    const allDone = (ids: ReadonlyArray<number>) => {
+      for (let k = 0; k < ids.length; k++) if (!done.has(ids[k])) return false
+      return true
+    }
+    const keys = new Map<number, string>()
+    for (const nd of nodes) if (nd._tag === "Hook" || nd._tag === "Set") keys.set(nd.id, hookKey(nd.ref))
+    const mayRun = (node: Graph.Node): boolean => {
+      switch (node._tag) {
+        case "Hook":
+          return snapshots.has(keys.get(node.id)!) && allDone(setsBefore.get(node.id)!)
+        case "Set":
+          return snapshots.has(keys.get(node.id)!) && has(node.value)
+        case "Op":
+        case "Apply":
+        case "Call":
+        case "Log":
+          return allHave(node.args)
+        case "Grad":
+          return values.has(node.id)
+        case "SetGrad":
+          return appliedGrads.has(node.id)
+        case "Generated":
+          return generated !== undefined
+        case "Backward":
+          return forwardDone && !inBackward && has(node.loss)
+        default:
+          return true
+      }
+    }
+
     const pending = new Set(nodes.map((nd) => nd.id).filter((id) => !done.has(id)))
     const runReady = Effect.gen(function*() {
       let progress = true
@@ -713,7 +767,8 @@ export const start = (
             const d = decisions.get(g.cond)
             state = skipped.has(g.cond) ? "dead" : d === undefined ? "wait" : d === g.branch ? "run" : "dead"
           }
-          if (state === "dead" || Graph.dependencies(node).some((d) => skipped.has(d))) {
+          if (state === "wait" || (state === "run" && skipped.size === 0 && !mayRun(node))) continue
+          if (state === "dead" || (skipped.size > 0 && Graph.dependencies(node).some((d) => skipped.has(d)))) {
             // an untaken branch, or a value that needs one: never runs
             skipped.add(id)
             pending.delete(id)
@@ -722,7 +777,7 @@ export const start = (
             progress = true
             continue
           }
-          if (state === "wait") continue
+          if (!mayRun(node)) continue
           if (yield* step(node)) {
             pending.delete(id)
             done.add(id)

@@ -492,7 +492,7 @@ export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>()(
  *
  * @since 0.1.0
  */
-export const LimitName = Schema.Literals(["graphNodes", "savedBytes", "tokens", "wallTimeMs", "batchRows"])
+export const LimitName = Schema.Literals(["graphNodes", "savedBytes", "valueBytes", "tokens", "wallTimeMs"])
 
 /**
  * @since 0.1.0
@@ -923,6 +923,8 @@ export interface Limits {
   readonly graphNodes: number
   /** Bytes of the values one job saves. */
   readonly savedBytes: number
+  /** Bytes of the largest value one job's graph computes (checked by shape inference before it runs). */
+  readonly valueBytes: number
   /** Input tokens (elements of `input_ids`, else batch rows) plus generated tokens. */
   readonly tokens: number
   /** Wall time of one run. */

@@ -92,6 +92,7 @@ export const defaultLimits: Protocol.Limits = {
   concurrentJobs: 64,
   graphNodes: 20_000,
   savedBytes: 256 * 1024 * 1024,
+  valueBytes: 1024 * 1024 * 1024,
   tokens: 1_000_000,
   wallTimeMs: 120_000
 }
@@ -348,6 +349,8 @@ interface JobRecord {
   startedAt?: number
   finishedAt?: number
   position?: number
+  /** When its position was last reported. */
+  reportedAt: number
   batchedWith?: number
   error?: Protocol.JobError
   result?: Protocol.JobResult
@@ -599,11 +602,14 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
   /**
    * The in-memory queue: one worker per model, jobs in arrival order,
    * compatible trace jobs co-batched; finished jobs are kept for
-   * `resultTtlMs` (default 10 minutes).
+   * `resultTtlMs` (default 10 minutes), at most `maxRetainedJobs` per key
+   * (default 1024, oldest dropped first).
    *
    * @since 0.1.0
    */
-  static readonly layerMemory = (options: { readonly coBatch?: CoBatchOptions; readonly resultTtlMs?: number } = {}) =>
+  static readonly layerMemory = (
+    options: { readonly coBatch?: CoBatchOptions; readonly resultTtlMs?: number; readonly maxRetainedJobs?: number } = {}
+  ) =>
     Layer.effect(
       JobQueue,
       Effect.gen(function*() {
@@ -612,6 +618,7 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
         const maxRows = coBatch.maxRows ?? 16
         const maxJobs = coBatch.maxJobs ?? 16
         const ttl = options.resultTtlMs ?? 10 * 60_000
+        const maxRetained = options.maxRetainedJobs ?? 1024
         const jobs = new Map<string, JobRecord>()
         const active = new Map<string, number>()
         const queues = new Map<string, { readonly pending: Array<JobRecord>; readonly latch: Latch.Latch }>()
@@ -649,8 +656,17 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
           // another key's job does not exist for this key
           return j === undefined || j.spec.owner !== owner ? Effect.fail(new Protocol.JobNotFound({ id })) : Effect.succeed(j)
         }
+        const retained = new Map<string, Array<string>>()
+        const retain = (j: JobRecord) => {
+          let ids = retained.get(j.spec.owner)
+          if (ids === undefined) retained.set(j.spec.owner, (ids = []))
+          ids.push(j.id)
+          // the oldest finished jobs of a key go first
+          while (ids.length > maxRetained) jobs.delete(ids.shift()!)
+        }
         const finish = (j: JobRecord, outcome: JobOutcome | { readonly _tag: "Cancelled" }) => {
           j.finishedAt = Date.now()
+          retain(j)
           j.position = undefined
           active.set(j.spec.owner, (active.get(j.spec.owner) ?? 1) - 1)
           if (outcome._tag === "Done") {
@@ -671,11 +687,20 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
           if (now - lastSweep < 1000) return
           lastSweep = now
           for (const [id, j] of jobs) if (j.finishedAt !== undefined && now - j.finishedAt > ttl) jobs.delete(id)
+          for (const [owner, ids] of retained) {
+            const kept = ids.filter((id) => jobs.has(id))
+            if (kept.length === 0) retained.delete(owner)
+            else retained.set(owner, kept)
+          }
         }
+        // positions change on every dequeue: report the near ones at once, the rest at most 4 times a second
         const updatePositions = (q: { readonly pending: Array<JobRecord> }) => {
+          const now = Date.now()
           q.pending.forEach((j, k) => {
-            if (j.position !== k) {
-              j.position = k
+            if (j.position === k) return
+            j.position = k
+            if (k < 4 || now - j.reportedAt >= 250) {
+              j.reportedAt = now
               emit(j, { _tag: "Queued", position: k })
             }
           })
@@ -734,6 +759,15 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
             }
           })
 
+        // on shutdown, every unfinished job ends (so its event streams end too)
+        yield* Effect.addFinalizer(() =>
+          Effect.sync(() => {
+            for (const j of jobs.values()) {
+              if (j.finishedAt === undefined) finish(j, { _tag: "Failed", error: new Protocol.InternalError({ reason: "the server is shutting down" }) })
+            }
+            for (const q of queues.values()) q.pending.length = 0
+          })
+        )
         for (const hosted of registry.list) {
           const q = { pending: new Array<JobRecord>(), latch: Latch.makeUnsafe(false) }
           queues.set(hosted.key, q)
@@ -758,6 +792,7 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
                 state: "queued",
                 submittedAt: Date.now(),
                 position: q.pending.length,
+                reportedAt: Date.now(),
                 events: [],
                 listeners: new Set()
               }
@@ -1001,6 +1036,9 @@ export const admit = (
         let estimate = 0
         for (const id of Graph.resultRefs(graph.result)) estimate += fakeBytes(scanned.values.get(id) as Scan.Value | undefined) ?? 0
         if (estimate > key.limits.savedBytes) return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: estimate, max: key.limits.savedBytes })
+        let largest = 0
+        for (const f of scanned.values.values()) largest = Math.max(largest, fakeBytes(f as Scan.Value) ?? 0)
+        if (largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: largest, max: key.limits.valueBytes })
         let eligible = coBatch && request.isolated !== true && allNodes(graph).every((n) => mergeable.has(n._tag))
         if (eligible) {
           try {
@@ -1105,6 +1143,12 @@ export const apiLayer = (options: HttpOptions = {}) => {
     (httpEffect) =>
       Effect.gen(function*() {
         const request = yield* HttpServerRequest.HttpServerRequest
+        if (request.method === "POST") {
+          const type = (request.headers["content-type"] ?? "").split(";")[0].trim().toLowerCase()
+          if (type !== "application/octet-stream") {
+            return yield* bad(`the body must be a tensor container sent as application/octet-stream, not ${JSON.stringify(type)}`)
+          }
+        }
         const length = request.headers["content-length"]
         if (length !== undefined) {
           const size = Number(length)
