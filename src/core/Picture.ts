@@ -18,15 +18,20 @@ interface Shape {
   readonly kind: "read" | "set" | "op" | "value" | "control" | "stop"
 }
 
-const describe = (node: Graph.Node): Shape => {
+const cut = (text: string, max = 40) => (text.length > max ? text.slice(0, max - 1) + "…" : text)
+
+const invokeLabel = (invoke: number, invokes: number) =>
+  invoke < 0 ? " (every invoke)" : invokes > 1 ? ` (invoke ${invoke})` : ""
+
+const describe = (node: Graph.Node, invokes: number): Shape => {
   switch (node._tag) {
     case "Hook":
       return {
-        label: `${node.ref.module || "model"}.${node.ref.point}${node.ref.index === 0 ? "" : `[${node.ref.index}]`}${node.ref.call === 0 ? "" : ` call ${node.ref.call}`}${node.ref.invoke > 0 ? ` (invoke ${node.ref.invoke})` : ""}`,
+        label: `${node.ref.module || "model"}.${node.ref.point}${node.ref.index === 0 ? "" : `[${node.ref.index}]`}${node.ref.call === 0 ? "" : ` call ${node.ref.call}`}${invokeLabel(node.ref.invoke, invokes)}`,
         kind: "read"
       }
     case "Set":
-      return { label: `set ${node.ref.module || "model"}.${node.ref.point}${node.ref.invoke > 0 ? ` (invoke ${node.ref.invoke})` : ""}`, kind: "set" }
+      return { label: `set ${node.ref.module || "model"}.${node.ref.point}${invokeLabel(node.ref.invoke, invokes)}`, kind: "set" }
     case "Op":
       return { label: node.op, kind: "op" }
     case "Apply":
@@ -38,7 +43,7 @@ const describe = (node: Graph.Node): Shape => {
     case "Scalar":
       return { label: String(node.value), kind: "value" }
     case "Value":
-      return { label: JSON.stringify(node.value).slice(0, 40), kind: "value" }
+      return { label: cut(typeof node.value === "string" ? node.value : JSON.stringify(node.value)), kind: "value" }
     case "Generated":
       return { label: "generator.output", kind: "read" }
     case "ListNew":
@@ -71,7 +76,16 @@ const describe = (node: Graph.Node): Shape => {
 const edges = (graph: Graph.Graph): ReadonlyArray<readonly [number, number]> =>
   Graph.flatten(graph.nodes).flatMap((n) => Graph.dependencies(n).map((d) => [d, n.id] as const))
 
-const escape = (s: string) => s.replace(/"/g, "'")
+/** Text inside a double-quoted DOT label. */
+const escapeDot = (s: string) => s.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")
+
+/** Text inside a double-quoted Mermaid label. */
+const escapeMermaid = (s: string) =>
+  s.replace(/&/g, "#amp;").replace(/"/g, "#quot;").replace(/</g, "#lt;").replace(/>/g, "#gt;").replace(/\n/g, " ")
+
+/** The max invoke index a graph's nodes use, plus one (sessions hold several traces). */
+const invokesOf = (graph: Graph.Graph): number =>
+  Math.max(graph.invokes, ...Graph.flatten(graph.nodes).map((n) => (n._tag === "Hook" || n._tag === "Set" ? n.ref.invoke + 1 : 0)))
 
 /**
  * A Mermaid flowchart of a graph (paste into any Mermaid renderer).
@@ -84,9 +98,11 @@ const escape = (s: string) => s.replace(/"/g, "'")
 export const toMermaid = (graph: Graph.Graph): string => {
   const lines = ["flowchart TD"]
   const classes = new Map<string, Array<string>>()
+  const invokes = invokesOf(graph)
+  const controls: Array<string> = []
   const node = (n: Graph.Node, indent: string) => {
-    const { label, kind } = describe(n)
-    const text = escape(`%${n.id} ${label}`)
+    const { label, kind } = describe(n, invokes)
+    const text = escapeMermaid(`%${n.id} ${label}`)
     const box = kind === "read" ? `n${n.id}[/"${text}"/]` : kind === "set" ? `n${n.id}[["${text}"]]` : kind === "control" ? `n${n.id}{"${text}"}` : `n${n.id}["${text}"]`
     lines.push(indent + box)
     classes.set(kind, [...(classes.get(kind) ?? []), `n${n.id}`])
@@ -101,11 +117,13 @@ export const toMermaid = (graph: Graph.Graph): string => {
         lines.push(`${indent}subgraph s${n.id}_${name}["%${n.id} ${name}"]`)
         walk(body, indent + "  ")
         lines.push(`${indent}end`)
+        controls.push(`  n${n.id} -.-> s${n.id}_${name}`)
       }
     }
   }
   walk(graph.nodes, "  ")
   for (const [from, to] of edges(graph)) lines.push(`  n${from} --> n${to}`)
+  lines.push(...controls)
   const results = Graph.resultRefs(graph.result)
   if (results.length > 0) {
     lines.push(`  result(["result"])`)
@@ -135,7 +153,9 @@ export const toMermaid = (graph: Graph.Graph): string => {
  * @since 0.1.0
  */
 export const toDot = (graph: Graph.Graph): string => {
-  const lines = ["digraph intervention {", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=11];']
+  const lines = ["digraph intervention {", "  rankdir=TB;", "  compound=true;", '  node [fontname="Helvetica", fontsize=11];']
+  const invokes = invokesOf(graph)
+  const controls: Array<string> = []
   const style: Record<Shape["kind"], string> = {
     read: 'shape=parallelogram, style=filled, fillcolor="#dbeafe", color="#1d4ed8"',
     set: 'shape=box, peripheries=2, style=filled, fillcolor="#fee2e2", color="#b91c1c"',
@@ -146,8 +166,8 @@ export const toDot = (graph: Graph.Graph): string => {
   }
   const walk = (list: ReadonlyArray<Graph.Node>, indent: string) => {
     for (const n of list) {
-      const { label, kind } = describe(n)
-      lines.push(`${indent}n${n.id} [label="%${n.id} ${escape(label)}", ${style[kind]}];`)
+      const { label, kind } = describe(n, invokes)
+      lines.push(`${indent}n${n.id} [label="%${n.id} ${escapeDot(label)}", ${style[kind]}];`)
       const bodies: ReadonlyArray<readonly [string, ReadonlyArray<Graph.Node>]> =
         n._tag === "Cond" ? [["then", n.then], ["else", n.otherwise]] : n._tag === "Iter" || n._tag === "Trace" ? [["body", n.body]] : []
       for (const [name, body] of bodies) {
@@ -155,10 +175,15 @@ export const toDot = (graph: Graph.Graph): string => {
         lines.push(`${indent}subgraph cluster_${n.id}_${name} {`, `${indent}  label="%${n.id} ${name}"; style=dashed;`)
         walk(body, indent + "  ")
         lines.push(`${indent}}`)
+        // the control node points at its body
+        controls.push(`  n${n.id} -> n${body[0].id} [lhead=cluster_${n.id}_${name}, style=dotted];`)
       }
     }
   }
   walk(graph.nodes, "  ")
+  // top-level steps run in order: keep them in order on the page
+  for (let k = 0; k + 1 < graph.nodes.length; k++) lines.push(`  n${graph.nodes[k].id} -> n${graph.nodes[k + 1].id} [style=invis, weight=10];`)
+  lines.push(...controls)
   for (const [from, to] of edges(graph)) lines.push(`  n${from} -> n${to};`)
   const results = Graph.resultRefs(graph.result)
   if (results.length > 0) {
@@ -176,15 +201,31 @@ export const toDot = (graph: Graph.Graph): string => {
  */
 export const treeToMermaid = (root: TreeNode): string => {
   const lines = ["flowchart LR"]
-  const walk = (m: TreeNode, id: string) => {
-    lines.push(`  ${id}["${escape(m.name === "" ? m.type : `${m.name}: ${m.type}`)}"]`)
-    m.children.forEach((c, i) => {
-      walk(c, `${id}_${i}`)
+  const walk = (m: TreeNode, name: string, id: string) => {
+    lines.push(`  ${id}["${escapeMermaid(name === "" ? m.type : `${name}: ${m.type}`)}"]`)
+    folded(m).forEach(([label, c], i) => {
+      walk(c, label, `${id}_${i}`)
       lines.push(`  ${id} --> ${id}_${i}`)
     })
   }
-  walk(root, "m")
+  walk(root, root.name, "m")
   return lines.join("\n")
+}
+
+/** Children, with runs of identical numbered ones (decoder layers) folded as `(0-4): 5 x`. */
+const folded = (m: TreeNode): ReadonlyArray<readonly [string, TreeNode]> => {
+  const out: Array<readonly [string, TreeNode]> = []
+  const shape = (t: TreeNode): string => `${t.type}(${t.children.map((c) => `${c.name}:${shape(c)}`).join(",")})`
+  let i = 0
+  while (i < m.children.length) {
+    let j = i + 1
+    if (/^\d+$/.test(m.children[i].name)) {
+      while (j < m.children.length && /^\d+$/.test(m.children[j].name) && shape(m.children[j]) === shape(m.children[i])) j++
+    }
+    out.push([j - i > 1 ? `(${m.children[i].name}-${m.children[j - 1].name}) ${j - i} x` : m.children[i].name, m.children[i]])
+    i = j
+  }
+  return out
 }
 
 /**
@@ -193,15 +234,15 @@ export const treeToMermaid = (root: TreeNode): string => {
  * @since 0.1.0
  */
 export const treeToDot = (root: TreeNode): string => {
-  const lines = ["digraph modules {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fillcolor="#f3f4f6", fontname="Helvetica", fontsize=11];']
-  const walk = (m: TreeNode, id: string) => {
-    lines.push(`  ${id} [label="${escape(m.name === "" ? m.type : `${m.name}: ${m.type}`)}"];`)
-    m.children.forEach((c, i) => {
-      walk(c, `${id}_${i}`)
+  const lines = ["digraph modules {", "  rankdir=LR;", "  ordering=out;", '  node [shape=box, style="rounded,filled", fillcolor="#f3f4f6", fontname="Helvetica", fontsize=11];']
+  const walk = (m: TreeNode, name: string, id: string) => {
+    lines.push(`  ${id} [label="${escapeDot(name === "" ? m.type : `${name}: ${m.type}`)}"];`)
+    folded(m).forEach(([label, c], i) => {
+      walk(c, label, `${id}_${i}`)
       lines.push(`  ${id} -> ${id}_${i};`)
     })
   }
-  walk(root, "m")
+  walk(root, root.name, "m")
   lines.push("}")
   return lines.join("\n")
 }
