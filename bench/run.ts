@@ -106,6 +106,71 @@ for (const c of cases) {
     results.push({ name, model: c.label, ...r, tokens: c.prompt.length, new_sessions_on_repeat: newSessions })
     console.log(`${c.label.padEnd(36)} ${name.padEnd(40)} baseline ${r.baseline_ms} ms  traced ${r.traced_ms} ms  ratio ${r.ratio}  new sessions on repeat: ${newSessions}`)
   }
+  // (g) one forward and one backward in a trace, against a plain forward
+  {
+    const backward = () =>
+      model.trace(c.prompt, (m) => {
+        const g = at(m, c.layers)[Math.floor(c.nLayers / 2)].output.grad
+        m.output.at(0, -1, 5).backward()
+        return { g }
+      })
+    const r = await compare(plain1, backward, { runs: Math.max(5, c.runs / 3), warmup: 2 })
+    results.push({ name: "(g) trace with one forward and one backward (vs plain forward)", model: c.label, ...r, tokens: c.prompt.length })
+    console.log(`${c.label.padEnd(36)} forward+backward ${r.traced_ms} ms vs forward ${r.baseline_ms} ms: ratio ${r.ratio}`)
+  }
+
+  // (e) scan against trace on a 300-token input (issue: scan at least 20x faster)
+  {
+    const long = ids(300, c.label.startsWith("stories") ? 512 : 50257)
+    const fn = (m: any) => ({ logits: m.output, layers: Array.from({ length: c.nLayers }, (_, k) => at(m, c.layers)[k].output) })
+    const r = await compare(() => model.trace(long, fn), () => model.scan(long, fn), { runs: Math.max(5, c.runs / 5), warmup: 2 })
+    results.push({
+      name: "(e) scan vs trace, 300 tokens (baseline = trace, traced = scan)",
+      model: c.label,
+      ...r,
+      speedup: round(r.baseline_ms / r.traced_ms, 1),
+      tokens: 300
+    })
+    console.log(`${c.label.padEnd(36)} scan ${r.traced_ms} ms vs trace ${r.baseline_ms} ms: ${round(r.baseline_ms / r.traced_ms, 1)}x faster`)
+  }
+
+  // (f) generation with the KV cache: plain onnxruntime greedy loop vs generate saving every layer at every step
+  {
+    const newTokens = c.label.startsWith("stories") ? 64 : 64
+    const promptIds = c.prompt.slice(0, 16)
+    const plainGenerate = async () => {
+      let feeds: Record<string, ort.Tensor> = Object.fromEntries(Object.entries(model.batch([promptIds]).feeds).map(([k, v]) => [k, v.toOrt()]))
+      const tokens = [...promptIds]
+      for (let step = 0; step < newTokens; step++) {
+        const out = await baseline.run(feeds)
+        const logits = out.logits
+        const [, seq, vocab] = logits.dims
+        const data = logits.data as Float32Array
+        let best = 0
+        for (let v = 1; v < vocab; v++) if (data[(seq - 1) * vocab + v] > data[(seq - 1) * vocab + best]) best = v
+        tokens.push(best)
+        const next: Record<string, ort.Tensor> = {
+          input_ids: new ort.Tensor("int64", BigInt64Array.of(BigInt(best)), [1, 1]),
+          attention_mask: new ort.Tensor("int64", new BigInt64Array(tokens.length).fill(1n), [1, tokens.length]),
+          position_ids: new ort.Tensor("int64", BigInt64Array.of(BigInt(tokens.length - 1)), [1, 1])
+        }
+        for (const name of Object.keys(feeds)) {
+          if (name.startsWith("past_key_values.")) next[name] = out[name.replace("past_key_values.", "present.")]
+        }
+        feeds = next
+      }
+      return tokens
+    }
+    const traced = () =>
+      model.generate(promptIds, { maxNewTokens: newTokens, eosTokenId: [] }, (m, t) => ({
+        tokens: m.generator.output,
+        layers: t.all(() => Array.from({ length: c.nLayers }, (_, k) => at(m, c.layers)[k].output))
+      }))
+    const r = await compare(plainGenerate, traced, { runs: c.label.startsWith("stories") ? 10 : 3, warmup: 1 })
+    results.push({ name: `(f) generate ${newTokens} tokens saving every layer's output at every step (KV cache)`, model: c.label, ...r, tokens: promptIds.length })
+    console.log(`${c.label.padEnd(36)} generate ${newTokens}: plain ${r.baseline_ms} ms, traced ${r.traced_ms} ms, ratio ${r.ratio}`)
+  }
+
   await baseline.release()
   await model.close()
 

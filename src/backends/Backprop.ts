@@ -204,18 +204,15 @@ export const lossGradients = (
       },
       catch: (e) => new Errors.InvalidValue({ site, reason: `cannot differentiate this loss: ${e instanceof Error ? e.message : String(e)}` })
     })
-    const forwardSession = yield* Effect.tryPromise({
-      try: () => ort.InferenceSession.create(Onnx.encode(built.lowered), Sessions.sessionOptions()),
-      catch: (e) => new Errors.ExecutionError({ site, reason: String(e) })
+    // sessions are cached by the loss's structure (ops, attributes, input types and shapes, constants)
+    const key = JSON.stringify({
+      steps,
+      inputs: inputs.map((i) => ({ n: i.name, d: i.dtype, s: i.shape, v: i.value === undefined ? null : Array.from(i.value as ArrayLike<unknown>, String) }))
     })
-    const backwardSession = yield* Effect.tryPromise({
-      try: () => ort.InferenceSession.create(Onnx.encode(built.bw.model), Sessions.sessionOptions()),
-      catch: (e) => new Errors.ExecutionError({ site, reason: String(e) })
-    })
-    const release = Effect.promise(async () => {
-      await forwardSession.release()
-      await backwardSession.release()
-    })
+    const toExec = (e: Sessions.OrtError) => new Errors.ExecutionError({ site, reason: e.message })
+    const forwardSession = yield* sessions.get(`loss-fwd:${key}`, () => Onnx.encode(built.lowered)).pipe(Effect.mapError(toExec))
+    const backwardSession = yield* sessions.get(`loss-bwd:${key}`, () => Onnx.encode(built.bw.model)).pipe(Effect.mapError(toExec))
+    const release = Effect.void
     return yield* Effect.gen(function*() {
       const feeds: Record<string, ort.Tensor> = {}
       for (const l of leaves) feeds[`v${l}`] = (valueOf(l) as Tensor).toOrt()
