@@ -196,6 +196,9 @@ export const lossGradients = (
     }
     yield* Effect.try({ try: () => visit(loss), catch: (e) => (Errors.isTraceError(e) ? e : new Errors.InvalidValue({ site: nodes.get(loss)?.site ?? "", reason: String(e) })) })
     const site = nodes.get(loss)?.site ?? ""
+    if (leaves.length === 0) {
+      return yield* new Errors.InvalidValue({ site, reason: "this loss reads no module value or parameter, so it has no gradient to propagate" })
+    }
     const built = yield* Effect.try({
       try: () => {
         const lowered = Autodiff.lowerIntervention(steps, inputs, [`v${loss}`])

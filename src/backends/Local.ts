@@ -648,10 +648,17 @@ export const start = (
             const v = values.get(id)
             return v instanceof Tensor || typeof v === "number" || typeof v === "boolean" ? v : undefined
           },
-          (nd) => nd._tag === "Hook"
+          (nd) => nd._tag === "Hook" || nd._tag === "Param"
         )
         for (const [id, g] of leafGrads) {
           const hook = byId.get(id)
+          if (hook?._tag === "Param") {
+            // a parameter the loss reads directly
+            const module = loaded.tree.modules.get(hook.module)
+            const p = module?.parameters.find((q) => q.name === hook.name)
+            if (p !== undefined) addInto(paramAcc, p.initializer, p.transposed ? Kernels.transpose2d(g) : g)
+            continue
+          }
           if (hook?._tag !== "Hook") continue
           const site = hookSites.get(hookKey(hook.ref))!
           const whole = forwardTensor(site.tensor) ?? snapshots.get(site.key)
@@ -689,6 +696,8 @@ export const start = (
               }
             }
           })
+        // tensors the model's last node makes are complete at once
+        yield* fire(backBorders[backBorders.length - 1])
         for (let k = backBorders.length - 2; k >= 0; k--) {
           const [start, end] = [backBorders[k], backBorders[k + 1]]
           const outputs = Segments.segment(idx, start, end).outputs
@@ -706,6 +715,12 @@ export const start = (
           yield* fire(start)
         }
         // parameters
+        for (const nd of bound) {
+          const target = gradTarget.get(nd.id)!
+          if (target.param === undefined && nd._tag === "Grad" && !values.has(nd.id) && !done.has(nd.id)) {
+            return yield* new Errors.Unavailable({ site: nd.site, reason: "backward() never reached this value (it does not lead to the loss)" })
+          }
+        }
         for (const nd of bound) {
           const target = gradTarget.get(nd.id)!
           if (target.param === undefined || nd._tag !== "Grad") continue
