@@ -33,6 +33,7 @@ export * as Sessions from "./backends/Sessions.js"
 export * as Local from "./backends/Local.js"
 export * as Hub from "./models/Hub.js"
 export * as Generate from "./backends/Generate.js"
+export * as Remote from "./remote/Client.js"
 
 /**
  * The embedded default model's folder (stories260K, a tiny trained Llama).

@@ -24,6 +24,7 @@ import { Backend } from "../backends/Backend.js"
 import * as Hub from "./Hub.js"
 import * as Onnx from "./Onnx.js"
 import * as Generate from "../backends/Generate.js"
+import * as Remote from "../remote/Client.js"
 import * as Tracer from "../core/Tracer.js"
 import { type Batch, type LoadOptions as BaseLoadOptions, materialize, runPromise, TracedModel } from "./NNsight.js"
 
@@ -32,7 +33,10 @@ import { type Batch, type LoadOptions as BaseLoadOptions, materialize, runPromis
  *
  * @since 0.1.0
  */
-export type GenerateOptions = Generate.Options
+export type GenerateOptions = Generate.Options & {
+  /** Generate on an nnsight-ts server instead. */
+  readonly remote?: Remote.Options
+}
 
 /**
  * The root envoy in a generation: the model's modules, plus `generator`.
@@ -231,7 +235,8 @@ export class LanguageModel extends TracedModel<Prompt> {
         catch: (e) => (Errors.isTraceError(e) ? e : new Errors.InvalidInput({ site: "", reason: e instanceof Error ? e.message : String(e) }))
       })
       const batch = yield* self.prepare(recording.inputs)
-      const { outcome } = yield* Generate.run(self.runtime, { graph: recording.graph, ...batch }, {
+      const runner = options.remote ? Remote.generate(options.remote) : Generate.run
+      const { outcome } = yield* runner(self.runtime, { graph: recording.graph, ...batch }, {
         eosTokenId: self.eosTokenIds,
         padTokenId: self.padTokenId,
         ...options

@@ -24,6 +24,7 @@ import type * as Local from "../backends/Local.js"
 import * as Values from "../backends/Values.js"
 import * as Session from "../backends/Session.js"
 import * as Scan from "../backends/Scan.js"
+import * as Remote from "../remote/Client.js"
 import * as Shapes from "./Shapes.js"
 import * as Sessions from "../backends/Sessions.js"
 import * as Loaded from "./Loaded.js"
@@ -55,6 +56,8 @@ export interface LoadOptions extends Loaded.Options, Sessions.Options {
 export interface TraceOptions {
   /** Run on this backend instead of the model's. */
   readonly backend?: Backend["Service"]
+  /** Run on an nnsight-ts server (`npx nnsight-ts serve`) instead. */
+  readonly remote?: Remote.Options
 }
 
 /**
@@ -293,21 +296,26 @@ export class TracedModel<I> {
    *
    * @since 0.1.0
    */
-  session<R>(fn: (s: Tracer.SessionContext<I>) => R): Promise<Tracer.Saved<R>> {
-    return runPromise(this.sessionEffect(fn))
+  session<R>(fn: (s: Tracer.SessionContext<I>) => R, options: { readonly remote?: Remote.Options } = {}): Promise<Tracer.Saved<R>> {
+    return runPromise(this.sessionEffect(fn, options))
   }
 
-  protected sessionEffect<R>(fn: (s: Tracer.SessionContext<I>) => R): Effect.Effect<Tracer.Saved<R>, Errors.TraceError> {
+  protected sessionEffect<R>(
+    fn: (s: Tracer.SessionContext<I>) => R,
+    options: { readonly remote?: Remote.Options } = {}
+  ): Effect.Effect<Tracer.Saved<R>, Errors.TraceError> {
     const self = this
     return Effect.gen(function*() {
       const recording = yield* Effect.try({
         try: () => Tracer.recordSession(self.runtime.loaded.tree.root, fn, self.edits),
         catch: (e) => toTraceError(e)
       })
-      const outcome = yield* Session.execute(self.runtime, recording.graph, {
-        prepare: (inputs) => self.prepare(inputs as ReadonlyArray<I>),
-        functions: recording.functions as ReadonlyArray<(...args: ReadonlyArray<unknown>) => unknown>
-      })
+      const outcome = options.remote
+        ? yield* Remote.session(options.remote)(self.runtime, recording.graph)
+        : yield* Session.execute(self.runtime, recording.graph, {
+          prepare: (inputs) => self.prepare(inputs as ReadonlyArray<I>),
+          functions: recording.functions as ReadonlyArray<(...args: ReadonlyArray<unknown>) => unknown>
+        })
       return materialize(recording.graph.result, outcome) as Tracer.Saved<R>
     })
   }
@@ -375,7 +383,8 @@ export class TracedModel<I> {
         if (invalid !== undefined) return yield* Effect.fail(invalid)
       }
       const provided = yield* Effect.serviceOption(Backend)
-      const backend = options.backend ?? Option.getOrElse(provided, () => self.backend)
+      const backend =
+        options.backend ?? (options.remote ? Remote.backend(options.remote) : Option.getOrElse(provided, () => self.backend))
       const outcome = yield* backend.execute({
         runtime: self.runtime,
         graph: recording.graph,

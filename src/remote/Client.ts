@@ -365,7 +365,20 @@ export const submitEffect = (options: Options, input: JobInput): Effect.Effect<J
     const refused = localFunctions(input.graph)
     if (refused !== undefined) return yield* refused
     const model = yield* modelKey(options, input)
-    const { onToken, ...generate } = input.generate ?? { maxNewTokens: 1 }
+    const g: Partial<Generate.Options> = input.generate ?? {}
+    const onToken = g.onToken
+    // only the generation options the protocol knows (never callbacks or other fields)
+    const generate = {
+      maxNewTokens: g.maxNewTokens ?? 1,
+      doSample: g.doSample,
+      temperature: g.temperature,
+      topK: g.topK,
+      topP: g.topP,
+      seed: g.seed,
+      eosTokenId: g.eosTokenId,
+      padTokenId: g.padTokenId,
+      useCache: g.useCache
+    }
     const request: Protocol.JobRequest = {
       model,
       kind: input.kind,
@@ -460,6 +473,20 @@ export const generate = (options: Options) =>
         : Effect.succeed({ outcome: o, tokens: o.tokens })
     )
   )
+
+/**
+ * Runs a session graph (`model.recordSession(fn).graph`) on a server: the
+ * remote twin of `Session.execute`, with the traces' inputs batched by the
+ * server's copy of the model.
+ *
+ * @example
+ * const outcome = yield* Remote.session({ url, apiKey })(model.runtime, model.recordSession(fn).graph)
+ *
+ * @since 0.1.0
+ */
+export const session = (options: Options) =>
+(rt: Local.Runtime, graph: Graph.Graph): Effect.Effect<Local.Outcome, Errors.TraceError> =>
+  runEffect(options, { kind: "session", runtime: rt, graph, feeds: {}, rows: [] }).pipe(Effect.mapError(toTraceError))
 
 /**
  * The server's models.

@@ -319,11 +319,12 @@ export const GenerateOptions = Schema.Struct({
 export type GenerateOptions = typeof GenerateOptions.Type
 
 /**
- * What a job runs: a trace (one forward pass) or a generation.
+ * What a job runs: a trace (one forward pass), a generation, or a session
+ * (a graph of traces, loops and conditions, whose inputs are in the graph).
  *
  * @since 0.1.0
  */
-export const JobKind = Schema.Literals(["trace", "generate"])
+export const JobKind = Schema.Literals(["trace", "generate", "session"])
 
 /**
  * @since 0.1.0

@@ -50,6 +50,7 @@ import { Tensor } from "../core/Tensor.js"
 import * as Generate from "../backends/Generate.js"
 import * as Local from "../backends/Local.js"
 import * as Scan from "../backends/Scan.js"
+import * as Session from "../backends/Session.js"
 import type * as Values from "../backends/Values.js"
 import { LanguageModel } from "../models/LanguageModel.js"
 import type { TracedModel } from "../models/NNsight.js"
@@ -426,10 +427,19 @@ const defectError = (cause: Cause.Cause<unknown>): Protocol.JobError => {
   return new Protocol.InternalError({ reason: e instanceof Error ? e.message : String(e) })
 }
 
+/** A session on the server: its traces' inputs batched by the hosted model, as the client's would be. */
+const runSession = (hosted: Hosted, graph: Graph.Graph, log: (line: string) => void) =>
+  Session.execute(hosted.runtime, graph, {
+    prepare: (inputs) => (hosted.model as unknown as { prepare: Session.Options["prepare"] })["prepare"].call(hosted.model, inputs),
+    log: (...args) => log(formatLog(args))
+  })
+
 /** One job on its own pass. */
 const runOne = (hosted: Hosted, spec: JobSpec, report: (e: Protocol.JobEvent) => void): Effect.Effect<JobOutcome> => {
   const work: Effect.Effect<Protocol.JobResult, Errors.TraceError> =
-    spec.kind === "generate"
+    spec.kind === "session"
+      ? runSession(hosted, spec.graph, (message) => report({ _tag: "Log", message })).pipe(Effect.map((o) => toResult(o)))
+      : spec.kind === "generate"
       ? Generate.run(hosted.runtime, { graph: spec.graph, feeds: spec.feeds, rows: spec.rows }, {
         ...(hosted.language === undefined ? {} : { eosTokenId: hosted.language.eosTokenIds, padTokenId: hosted.language.padTokenId }),
         ...stripUndefined(spec.generate ?? { maxNewTokens: 1 }),
@@ -862,8 +872,10 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
 const bad = (reason: string, issues: ReadonlyArray<string> = []) => new Protocol.BadRequest({ reason, issues })
 
 /** Structural checks a decoded graph must pass before anything looks at it. */
-const checkGraph = (graph: Graph.Graph): string | undefined => {
-  if (!Number.isSafeInteger(graph.invokes) || graph.invokes < 1 || graph.invokes > 4096) return `invokes must be an integer in 1..4096, got ${graph.invokes}`
+const checkGraph = (graph: Graph.Graph, session: boolean): string | undefined => {
+  if (session ? graph.invokes !== 0 : !Number.isSafeInteger(graph.invokes) || graph.invokes < 1 || graph.invokes > 4096) {
+    return session ? "a session graph has no invokes of its own" : `invokes must be an integer in 1..4096, got ${graph.invokes}`
+  }
   const nodes = allNodes(graph)
   const ids = new Set<number>()
   for (const n of nodes) {
@@ -871,15 +883,16 @@ const checkGraph = (graph: Graph.Graph): string | undefined => {
     if (ids.has(n.id)) return `node id ${n.id} appears twice`
     ids.add(n.id)
   }
-  const invokeOk = (i: number) => Number.isSafeInteger(i) && i >= 0 && i < graph.invokes
+  // invoke -1 addresses every row (a model edit)
+  const invokeOk = (i: number) => Number.isSafeInteger(i) && i >= -1 && i < graph.invokes
   for (const n of nodes) {
     for (const d of Graph.dependencies(n)) if (!ids.has(d)) return `node %${n.id} refers to %${d}, which is not in the graph`
     if (n._tag === "Call") return `node %${n.id} calls a local TypeScript function (apply), which cannot run on a server; only graph operations can`
-    if (n._tag === "Hook" || n._tag === "Set") {
+    if ((n._tag === "Hook" || n._tag === "Set") && !session) {
       if (!invokeOk(n.ref.invoke)) return `node %${n.id} addresses invoke ${n.ref.invoke} of ${graph.invokes}`
       if (!Number.isSafeInteger(n.ref.call) || n.ref.call < 0 || !Number.isSafeInteger(n.ref.index)) return `node %${n.id} has a malformed hook`
     }
-    if ((n._tag === "Apply" || n._tag === "Generated") && !invokeOk(n.invoke)) return `node %${n.id} addresses invoke ${n.invoke} of ${graph.invokes}`
+    if ((n._tag === "Apply" || n._tag === "Generated") && !session && !invokeOk(n.invoke)) return `node %${n.id} addresses invoke ${n.invoke} of ${graph.invokes}`
   }
   for (const r of Graph.resultRefs(graph.result)) if (!ids.has(r)) return `the result refers to %${r}, which is not in the graph`
   return undefined
@@ -975,8 +988,27 @@ export const admit = (
     const { graph } = request
     const nodeCount = allNodes(graph).length
     if (nodeCount > key.limits.graphNodes) return yield* new Protocol.LimitExceeded({ limit: "graphNodes", value: nodeCount, max: key.limits.graphNodes })
-    const structural = checkGraph(graph)
+    const structural = checkGraph(graph, request.kind === "session")
     if (structural !== undefined) return yield* bad(`invalid graph: ${structural}`)
+
+    // a session carries its inputs in the graph
+    if (request.kind === "session") {
+      if (request.inputs._tag !== "Feeds" || request.inputs.rows.length > 0 || Object.keys(submission.feeds).length > 0) {
+        return yield* bad("a session carries its inputs in its graph: send no feeds, rows or prompts")
+      }
+      if (request.generate !== undefined) return yield* bad("generation options are only for generate requests")
+      return {
+        owner: key.id,
+        limits: key.limits,
+        model: hosted.key,
+        kind: request.kind,
+        graph,
+        feeds: {},
+        rows: [],
+        generate: undefined,
+        coBatchKey: undefined
+      }
+    }
 
     // inputs
     let feeds: Readonly<Record<string, Tensor>> = submission.feeds
@@ -1039,7 +1071,9 @@ export const admit = (
         let largest = 0
         for (const f of scanned.values.values()) largest = Math.max(largest, fakeBytes(f as Scan.Value) ?? 0)
         if (largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: largest, max: key.limits.valueBytes })
-        let eligible = coBatch && request.isolated !== true && allNodes(graph).every((n) => mergeable.has(n._tag))
+        let eligible = coBatch && request.isolated !== true && allNodes(graph).every((n) =>
+          mergeable.has(n._tag) && !((n._tag === "Hook" || n._tag === "Set") && n.ref.invoke < 0)
+        )
         if (eligible) {
           try {
             eligible = batchedHooks(hosted, feeds, graph, batch)
