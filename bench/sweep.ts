@@ -6,12 +6,13 @@
  *     npx tsx bench/sweep.ts <model-dir> <layers-path> <n-layers> <seq>
  */
 import { LanguageModel } from "../src/index.js"
-import * as Onnx from "../src/models/Onnx.js"
+import * as DType from "../src/core/DType.js"
 
 const [dir, layersPath, nLayersArg, seqArg] = process.argv.slice(2)
 const model = await LanguageModel.load(dir)
+// weight bytes: every initializer's elements times their size
 const weights = model.runtime.loaded.model.graph.initializers.reduce(
-  (a, t) => a + (t.rawData?.byteLength ?? (Onnx.tensorData(t) as ArrayLike<unknown>).length * 4),
+  (a, t) => a + t.dims.reduce((n, d) => n * Number(d), 1) * DType.byteSize(DType.fromOnnx(t.dataType) ?? "float32"),
   0
 )
 const seq = Number(seqArg)

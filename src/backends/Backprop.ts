@@ -23,6 +23,7 @@ import { Tensor } from "../core/Tensor.js"
 import type * as Loaded from "../models/Loaded.js"
 import * as Onnx from "../models/Onnx.js"
 import * as Segments from "../models/Segments.js"
+import * as Weights from "../models/Weights.js"
 import * as Autodiff from "./Autodiff.js"
 import * as Sessions from "./Sessions.js"
 
@@ -126,7 +127,7 @@ export const runStep = (
   forward: (name: string) => Tensor | undefined
 ): Effect.Effect<ReadonlyMap<string, Tensor>, Errors.TraceError> =>
   Effect.gen(function*() {
-    const session = yield* sessions.get(s.key, () => Onnx.encode(s.backward.model)).pipe(
+    const session = yield* sessions.get(s.key, () => Onnx.encode(Weights.inline(s.backward.model))).pipe(
       Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
     )
     const feeds: Record<string, ort.Tensor> = {}

@@ -36,6 +36,7 @@ import { Tensor } from "../core/Tensor.js"
 import type * as Loaded from "../models/Loaded.js"
 import * as Onnx from "../models/Onnx.js"
 import * as Segments from "../models/Segments.js"
+import * as Weights from "../models/Weights.js"
 import * as Kernels from "./Kernels.js"
 import * as Sessions from "./Sessions.js"
 import * as Values from "./Values.js"
@@ -439,7 +440,7 @@ export const start = (
         throw new Errors.UnknownModule({ path: node.module, name: node.name, available: module?.parameters.map((q) => q.name) ?? [], site: node.site })
       }
       const dtype = DType.fromOnnx(init.dataType)!
-      const t = new Tensor(dtype, init.dims.map(Number), Onnx.tensorData(init) as DType.ArrayOf[DType.DType])
+      const t = new Tensor(dtype, init.dims.map(Number), Weights.tensorData(init) as DType.ArrayOf[DType.DType])
       return p.transposed ? Kernels.transpose2d(t) : t
     }
 
@@ -450,7 +451,7 @@ export const start = (
         const seg0 = Segments.segment(idx, call.start, call.end)
         const seg: Segments.Segment = { ...seg0, outputs: [call.outputs[0]] }
         const session = yield* sessions.get(`apply:${call.start}:${call.end}:${call.outputs[0]}`, () =>
-          Onnx.encode(Segments.toModel(idx, seg, { anyShape: true }))
+          Onnx.encode(Weights.inline(Segments.toModel(idx, seg, { anyShape: true })))
         )
         const feeds: Record<string, ort.Tensor> = {}
         for (const name of seg.inputs) {
@@ -877,7 +878,7 @@ export const start = (
             return p !== undefined && idx.position[p] >= segStart && idx.position[p] < segEnd
           })
           const { seg, key } = plan(loaded, segStart, segEnd, extra)
-          const session = yield* sessions.get(key, () => Onnx.encode(Segments.toModel(idx, seg))).pipe(
+          const session = yield* sessions.get(key, () => Onnx.encode(Weights.inline(Segments.toModel(idx, seg)))).pipe(
             Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message }))
           )
           const segFeeds: Record<string, ort.Tensor> = {}

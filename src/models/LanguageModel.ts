@@ -26,7 +26,7 @@ import * as Onnx from "./Onnx.js"
 import * as Generate from "../backends/Generate.js"
 import * as Remote from "../remote/Client.js"
 import * as Tracer from "../core/Tracer.js"
-import { type Batch, type LoadOptions as BaseLoadOptions, materialize, runPromise, TracedModel } from "./NNsight.js"
+import { type Batch, type LoadOptions as BaseLoadOptions, materialize, readBytes, runPromise, TracedModel } from "./NNsight.js"
 
 /**
  * Options of {@link LanguageModel.generate}.
@@ -166,11 +166,11 @@ export class LanguageModel extends TracedModel<Prompt> {
     const tokenizerJson = await readJson(path.join(dir, "tokenizer.json"))
     const tokenizerConfig = await readJson(path.join(dir, "tokenizer_config.json"))
     const architecture = (config.architectures as ReadonlyArray<string> | undefined)?.[0]
-    const bytes = new Uint8Array(await fs.readFile(file))
+    const bytes = await readBytes(file)
     const { runtime, scope } = await TracedModel.open(bytes, {
       ...options,
       typeNames: options.typeNames ?? ((p, inferred) => (p === "" && architecture ? architecture : inferred))
-    })
+    }, file)
     const model = new LanguageModel(runtime, scope, options.backend ?? Backend.local)
     ;(model as { effect: unknown }).effect = model.makeEffect()
     model.config = config

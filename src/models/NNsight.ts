@@ -29,6 +29,8 @@ import * as Shapes from "./Shapes.js"
 import * as Sessions from "../backends/Sessions.js"
 import * as Loaded from "./Loaded.js"
 import * as ModuleTree from "./ModuleTree.js"
+import * as Onnx from "./Onnx.js"
+import * as Weights from "./Weights.js"
 
 /**
  * The inputs of a generic model: one tensor (for a one-input model) or
@@ -158,9 +160,11 @@ export class TracedModel<I> {
   }
 
   /** Decodes a model and opens its session cache in a fresh scope. */
-  protected static async open(bytes: Uint8Array, options: LoadOptions) {
+  protected static async open(bytes: Uint8Array, options: LoadOptions, file?: string) {
     const scope = Effect.runSync(Scope.make())
-    const loaded = Loaded.fromBytes(bytes, options)
+    // from a file, large weights stay there: onnxruntime holds the only copy in memory
+    const decoded = Onnx.decode(bytes)
+    const loaded = Loaded.fromModel(file === undefined ? decoded : Weights.externalize(decoded, bytes, file), options)
     const sessions = await Effect.runPromise(Scope.provide(Sessions.make(options), scope))
     return { runtime: { loaded, sessions }, scope }
   }
@@ -411,11 +415,21 @@ export class NNsight extends TracedModel<Inputs> {
    * @since 0.1.0
    */
   static async load(source: string | Uint8Array, options: LoadOptions = {}): Promise<NNsight> {
-    const bytes = typeof source === "string" ? new Uint8Array(await fs.readFile(source)) : source
-    const { runtime, scope } = await NNsight.open(bytes, options)
+    const bytes = typeof source === "string" ? await readBytes(source) : source
+    const { runtime, scope } = await NNsight.open(bytes, options, typeof source === "string" ? source : undefined)
     return new NNsight(runtime, scope, options.backend ?? Backend.local)
   }
 
+}
+
+/**
+ * A file's bytes, without the copy `new Uint8Array(buffer)` would make.
+ *
+ * @since 0.1.0
+ */
+export const readBytes = async (file: string): Promise<Uint8Array> => {
+  const buf = await fs.readFile(file)
+  return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength)
 }
 
 const toTraceError = (e: unknown): Errors.TraceError => {
