@@ -101,6 +101,21 @@ interface HookSite {
   readonly point: "input" | "output"
 }
 
+const borders = new WeakMap<Loaded.Loaded, ReadonlySet<string>>()
+
+/** Tensors crossing the canonical cuts (block inputs and outputs), graph inputs and outputs. */
+const borderTensors = (loaded: Loaded.Loaded): ReadonlySet<string> => {
+  let set = borders.get(loaded)
+  if (set === undefined) {
+    const n = loaded.tree.order.length
+    const cuts = [0, ...loaded.canonicalCuts, n]
+    const all = new Set<string>([...loaded.model.graph.inputs.map((v) => v.name), ...loaded.model.graph.outputs.map((v) => v.name)])
+    for (let k = 0; k + 1 < cuts.length; k++) Segments.segment(loaded.index, cuts[k], cuts[k + 1]).outputs.forEach((t) => all.add(t))
+    borders.set(loaded, (set = all))
+  }
+  return set
+}
+
 const plans = new WeakMap<Loaded.Loaded, Map<string, { readonly seg: Segments.Segment; readonly key: string }>>()
 
 /** The segment `[start, end)` with extra outputs, planned once per model. */
@@ -827,16 +842,25 @@ export const start = (
         // cuts and events of this pass
         const cuts = new Set(loaded.canonicalCuts)
         const here = [...hookSites.values()].filter((h) => h.step === stepIndex)
+        let writes = false
         for (const node of nodes) {
           if (node._tag !== "Set" || !pending.has(node.id)) continue
           const site = hookSites.get(hookKey(node.ref))!
           if (site.step !== stepIndex) continue
+          writes = true
           cuts.add(site.position)
           if (site.point === "input") cuts.add(site.end)
         }
-        const bounds = [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
         const events = here.sort((a, b) => a.position - b.position || a.order - b.order)
         const readTensors = new Set([...events.map((e) => e.tensor), ...backForward])
+        // a pass that only reads block borders runs as one session: onnxruntime keeps
+        // its fusions across blocks, and one run costs less than a chain of them
+        const whole =
+          !writes &&
+          backForward.size === 0 &&
+          !nodes.some((nd) => nd._tag === "Stop" || nd._tag === "Apply") &&
+          [...readTensors].every((t) => borderTensors(loaded).has(t))
+        const bounds = whole ? [0, n] : [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
         const pins = new Set([...applyPins, ...readTensors])
 
         const valueAt = (tensor: string, site: HookSite): Tensor | undefined => {

@@ -17,12 +17,35 @@ const libraryRoot = path.dirname(path.dirname(fileURLToPath(import.meta.url))) +
 const frame = /\(?((?:file:\/\/)?[^\s()]+):(\d+):(\d+)\)?$/
 
 /**
+ * A site captured now but read later: capturing the stack is cheap, turning
+ * it into text (with source maps) is not, and most sites are never read.
+ *
+ * @since 0.1.0
+ */
+export type Lazy = string | Error
+
+/**
+ * Captures the current stack for a later {@link format}.
+ *
+ * @since 0.1.0
+ */
+export const capture = (): Lazy => new Error()
+
+/**
+ * The user's `file:line:column` of a captured site.
+ *
+ * @since 0.1.0
+ */
+export const format = (site: Lazy): string => (typeof site === "string" ? site : fromStack(site.stack))
+
+/**
  * The user's `file:line:column` calling into nnsight-ts now ("" if unknown).
  *
  * @since 0.1.0
  */
-export const here = (): string => {
-  const stack = new Error().stack
+export const here = (): string => fromStack(new Error().stack)
+
+const fromStack = (stack: string | undefined): string => {
   if (stack === undefined) return ""
   for (const line of stack.split("\n").slice(1)) {
     const m = frame.exec(line.trim())

@@ -86,10 +86,16 @@ export class Recorder {
     return this.shapes.get(id)
   }
 
-  push(body: NodeBody, site: string = Site.here()): number {
+  push(body: NodeBody, site: Site.Lazy = Site.capture()): number {
     if (this.cursor < this.replayUntil) return this.cursor++
     const id = this.nextId++
-    const node = { ...body, id, site } as Graph.Node
+    const node = { ...body, id } as Graph.Node
+    if (typeof site === "string") (node as { site: string }).site = site
+    else {
+      // the site's text is made on first read (an error message, an encoding)
+      let text: string | undefined
+      Object.defineProperty(node, "site", { enumerable: true, get: () => (text ??= Site.format(site)) })
+    }
     this.lists[this.lists.length - 1].push(node)
     this.cursor = id + 1
     if (this.shapeOf !== undefined) {
@@ -165,10 +171,10 @@ export class Recorder {
     this.local.clear()
   }
 
-  operand(value: Operand, site: string): number {
+  operand(value: Operand, site: Site.Lazy): number {
     if (value instanceof TensorProxy) {
       if (value.recorder !== this) {
-        throw new Errors.InvalidValue({ site, reason: "a proxy from another trace was used; return it as a result and pass the Tensor instead" })
+        throw new Errors.InvalidValue({ site: Site.format(site), reason: "a proxy from another trace was used; return it as a result and pass the Tensor instead" })
       }
       return value.id
     }
@@ -188,12 +194,12 @@ export class Recorder {
 
   /** Records a condition: `then` runs when `predicate` holds, else `otherwise`. */
   cond(predicate: Operand, then: () => void, otherwise?: () => void): void {
-    const site = Site.here()
+    const site = Site.capture()
     const p = this.operand(predicate, site)
     let thenNodes: ReadonlyArray<Graph.Node> = []
     let elseNodes: ReadonlyArray<Graph.Node> = []
     this.nested(
-      (id) => ({ _tag: "Cond", id, site, predicate: p, then: thenNodes, otherwise: elseNodes }),
+      (id) => ({ _tag: "Cond", id, site: Site.format(site), predicate: p, then: thenNodes, otherwise: elseNodes }),
       () => {
         thenNodes = this.block(then)
         if (otherwise !== undefined) elseNodes = this.block(otherwise)
@@ -203,7 +209,7 @@ export class Recorder {
 
   /** A graph-side list with initial items. */
   list(items: ReadonlyArray<Operand>): TensorProxy {
-    const site = Site.here()
+    const site = Site.capture()
     const ids = items.map((i) => this.operand(i, site))
     return new TensorProxy(this, this.push({ _tag: "ListNew", items: ids }, site))
   }
@@ -215,7 +221,7 @@ export class Recorder {
 
   /** Runs a local function on values when the graph runs. */
   apply(fn: (...args: ReadonlyArray<never>) => unknown, args: ReadonlyArray<Operand>): TensorProxy {
-    const site = Site.here()
+    const site = Site.capture()
     const ids = args.map((a) => this.operand(a, site))
     this.functions.push(fn)
     return new TensorProxy(this, this.push({ _tag: "Call", fn: this.functions.length - 1, args: ids }, site))
@@ -223,13 +229,13 @@ export class Recorder {
 
   /** Prints values when the graph runs. */
   log(args: ReadonlyArray<Operand>): void {
-    const site = Site.here()
+    const site = Site.capture()
     const ids = args.map((a) => this.operand(a, site))
     this.push({ _tag: "Log", args: ids }, site)
   }
 
   op(op: Ops.OpName, args: ReadonlyArray<Operand>, attrs: Record<string, unknown> = {}): TensorProxy {
-    const site = Site.here()
+    const site = Site.capture()
     const ids = args.map((a) => this.operand(a, site))
     return new TensorProxy(this, this.push({ _tag: "Op", op, args: ids, attrs: attrs as any }, site))
   }
@@ -285,13 +291,13 @@ export class TensorProxy {
   }
   /** On a graph-side list (`s.list()`): appends a value when the graph runs. */
   append(value: Operand): void {
-    const site = Site.here()
+    const site = Site.capture()
     const v = this.recorder.operand(value, site)
     this.recorder.push({ _tag: "Append", target: this.id, value: v, key: null }, site)
   }
   /** On a graph-side dictionary (`s.dict()`): sets `key` when the graph runs. */
   put(key: string, value: Operand): void {
-    const site = Site.here()
+    const site = Site.capture()
     const v = this.recorder.operand(value, site)
     this.recorder.push({ _tag: "Append", target: this.id, value: v, key }, site)
   }
@@ -539,7 +545,7 @@ export class GradProxy extends TensorProxy {
 
   /** Replaces this gradient: what flows further back is `value`. */
   set(value: Operand): void {
-    const site = Site.here()
+    const site = Site.capture()
     const v = this.recorder.operand(value, site)
     this.recorder.push({ _tag: "SetGrad", of: this.of, value: v }, site)
   }
@@ -572,7 +578,7 @@ export class HookProxy extends TensorProxy {
 
   /** Replaces this tensor for the rest of the forward pass. */
   set(value: Operand): void {
-    const site = Site.here()
+    const site = Site.capture()
     const v = this.recorder.operand(value, site)
     this.recorder.push({ _tag: "Set", ref: this.ref, value: v }, site)
   }
@@ -726,7 +732,7 @@ export const envoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
     },
     call: (...args) => {
       const { call } = callInfo()
-      const site = Site.here()
+      const site = Site.capture()
       const ids = args.map((a) => recorder.operand(a, site))
       return new TensorProxy(
         recorder,
@@ -1097,7 +1103,7 @@ export const recordSession = <I, R>(
   const recorder = new Recorder(root, 1)
   recorder.inTrace = false
   /** An input recorded at session level, before the trace that uses it. */
-  const outerInput = (input: unknown, site: string): number => {
+  const outerInput = (input: unknown, site: Site.Lazy): number => {
     if (input instanceof TensorProxy) return input.id
     if (input instanceof Tensor || typeof input !== "object" || input === null || Array.isArray(input)) {
       return recorder.operand(input as Operand, site)
@@ -1108,7 +1114,7 @@ export const recordSession = <I, R>(
   }
   const s: SessionContext<I> = {
     trace: ((a: unknown, b?: unknown) => {
-      const site = Site.here()
+      const site = Site.capture()
       const [input, body, hasInput] = typeof a === "function" ? [undefined, a, false] : [a, b, true]
       const traceFn = body as (m: Envoy, t: Context<I>) => unknown
       // inputs of invokes are recorded at session level, before the trace
@@ -1122,7 +1128,7 @@ export const recordSession = <I, R>(
       recorder.invokes = inputs.length
       recorder.step = 0
       const traceId = recorder.nested(
-        (id) => ({ _tag: "Trace", id, site, inputs: inputIds, steps: 1, options: null, body: nodes }),
+        (id) => ({ _tag: "Trace", id, site: Site.format(site), inputs: inputIds, steps: 1, options: null, body: nodes }),
         () => {
           nodes = recorder.block(() => {
             recorder.inTrace = true
@@ -1153,16 +1159,16 @@ export const recordSession = <I, R>(
       recorder.invokes = saved.invokes
       recorder.step = saved.step
       if (inputIds.length === 0) {
-        throw new Errors.InvalidInput({ site, reason: "the trace has no input: pass one to s.trace() or call t.invoke(input, ...)" })
+        throw new Errors.InvalidInput({ site: Site.format(site), reason: "the trace has no input: pass one to s.trace() or call t.invoke(input, ...)" })
       }
       return returned
     }) as SessionContext<I>["trace"],
     iter: (over, body) => {
-      const site = Site.here()
+      const site = Site.capture()
       const o = recorder.operand(over, site)
       let nodes: ReadonlyArray<Graph.Node> = []
       recorder.nested(
-        (id) => ({ _tag: "Iter", id, site, over: o, body: nodes }),
+        (id) => ({ _tag: "Iter", id, site: Site.format(site), over: o, body: nodes }),
         () => {
           const id = recorder.nextId - 1
           nodes = recorder.block(() => body(new TensorProxy(recorder, id)))
