@@ -877,7 +877,8 @@ export const start = (
               const e = events[nextEvent++]
               const t = valueAt(e.tensor, e)
               if (t !== undefined) snapshots.set(e.key, t)
-              yield* runReady
+              // with no sets in this pass, the order of reads does not matter: run once
+              if (!whole || nextEvent === events.length || events[nextEvent].position > pos) yield* runReady
             }
             // a set at this point must have been applied before the forward goes on
             for (const id of pending) {
