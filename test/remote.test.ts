@@ -131,21 +131,7 @@ const recordGenerate = <R>(prompt: unknown, steps: number, fn: (m: Envoy & { gen
     input: prompt,
     hasInput: true,
     steps,
-    extend: (recorder) => {
-      const ids = new Map<number, number>()
-      return {
-        generator: {
-          get output() {
-            let id = ids.get(recorder.invoke)
-            if (id === undefined || recorder.replaying()) {
-              id = recorder.push({ _tag: "Generated", invoke: recorder.invoke })
-              ids.set(recorder.invoke, id)
-            }
-            return new Tracer.TensorProxy(recorder, id)
-          }
-        }
-      }
-    }
+    extend: Tracer.generatorEnvoy
   })
 
 const post = (url: string, body: Uint8Array, key: string | null = ALICE, headers: Record<string, string> = {}) =>

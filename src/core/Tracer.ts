@@ -1050,6 +1050,29 @@ export type Saved<R> = R extends TensorProxy
           : R
 
 /**
+ * The `generator` member of a generation's root envoy: `generator.output` is
+ * the token ids, one node per invoke (also when `t.all()` records the
+ * callback again).
+ *
+ * @since 0.1.0
+ */
+export const generatorEnvoy = (recorder: Recorder): { readonly generator: { readonly output: TensorProxy } } => {
+  const ids = new Map<number, number>()
+  return {
+    generator: {
+      get output() {
+        let id = ids.get(recorder.invoke)
+        if (id === undefined || recorder.replaying()) {
+          id = recorder.push({ _tag: "Generated", invoke: recorder.invoke })
+          ids.set(recorder.invoke, id)
+        }
+        return new TensorProxy(recorder, id)
+      }
+    }
+  }
+}
+
+/**
  * The session context `s` (`model.session((s) => ...)`): several traces and
  * the graph-side control flow and values around them, all one graph.
  *

@@ -215,22 +215,7 @@ export class LanguageModel extends TracedModel<Prompt> {
             hasInput: true,
             steps: options.maxNewTokens,
             edits: self.edits,
-            extend: (recorder) => {
-              // one node per invoke, also when t.all() records the callback again
-              const ids = new Map<number, number>()
-              return {
-                generator: {
-                  get output() {
-                    let id = ids.get(recorder.invoke)
-                    if (id === undefined || recorder.replaying()) {
-                      id = recorder.push({ _tag: "Generated", invoke: recorder.invoke })
-                      ids.set(recorder.invoke, id)
-                    }
-                    return new Tracer.TensorProxy(recorder, id)
-                  }
-                }
-              }
-            }
+            extend: Tracer.generatorEnvoy
           }),
         catch: (e) => (Errors.isTraceError(e) ? e : new Errors.InvalidInput({ site: "", reason: e instanceof Error ? e.message : String(e) }))
       })

@@ -44,6 +44,7 @@ import { NodeHttpServer } from "@effect/platform-node"
 import { Cause, Context, Effect, Exit, Latch, Layer, Queue, Redacted, Scope, Stream } from "effect"
 import { HttpIncomingMessage, HttpRouter, HttpServer, HttpServerRequest } from "effect/http"
 import { HttpApiBuilder } from "effect/http-api"
+import * as DType from "../core/DType.js"
 import * as Errors from "../core/Errors.js"
 import * as Graph from "../core/Graph.js"
 import { Tensor } from "../core/Tensor.js"
@@ -950,24 +951,7 @@ const fakeBytes = (f: Scan.Value | undefined): number | undefined => {
   return shape.reduce((a, b) => a * b, 1) * (dtype === "string" ? 16 : Math.max(1, dtypeBytes(dtype)))
 }
 
-const dtypeBytes = (dtype: string): number => {
-  switch (dtype) {
-    case "float64":
-    case "int64":
-    case "uint64":
-      return 8
-    case "float32":
-    case "int32":
-    case "uint32":
-      return 4
-    case "float16":
-    case "int16":
-    case "uint16":
-      return 2
-    default:
-      return 1
-  }
-}
+const dtypeBytes = (dtype: string): number => (DType.isDType(dtype) ? DType.byteSize(dtype) : 1)
 
 /**
  * Admits a decoded submission for a key: everything a job must satisfy
