@@ -216,7 +216,6 @@ export const lossGradients = (
     const toExec = (e: Sessions.OrtError) => new Errors.ExecutionError({ site, reason: e.message })
     const forwardSession = yield* sessions.get(`loss-fwd:${key}`, () => Onnx.encode(built.lowered)).pipe(Effect.mapError(toExec))
     const backwardSession = yield* sessions.get(`loss-bwd:${key}`, () => Onnx.encode(built.bw.model)).pipe(Effect.mapError(toExec))
-    const release = Effect.void
     return yield* Effect.gen(function*() {
       const feeds: Record<string, ort.Tensor> = {}
       for (const l of leaves) feeds[`v${l}`] = (valueOf(l) as Tensor).toOrt()
@@ -234,5 +233,5 @@ export const lossGradients = (
       const grads = new Map<number, Tensor>()
       leaves.forEach((l, k) => grads.set(l, Tensor.fromOrt(out[built.bw.gradOutputs[k]])))
       return grads as ReadonlyMap<number, Tensor>
-    }).pipe(Effect.ensuring(release))
+    })
   })
