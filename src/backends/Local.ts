@@ -785,11 +785,36 @@ export const start = (
     }
 
     const pending = new Set(nodes.map((nd) => nd.id).filter((id) => !done.has(id)))
+    // hooks of later passes cannot run yet: they wait aside, so a long
+    // generation does not rescan every step's hooks at every event
+    const passOf = new Map<number, number>()
+    for (const nd of nodes) {
+      if (nd._tag === "Hook" || nd._tag === "Set") passOf.set(nd.id, hookSites.get(hookKey(nd.ref))!.step)
+    }
+    let currentPass = 0
+    const later = new Map<number, Array<number>>()
+    const active = new Set<number>()
+    for (const id of pending) {
+      const p = passOf.get(id)
+      if (p !== undefined && p > 0) {
+        let list = later.get(p)
+        if (list === undefined) later.set(p, (list = []))
+        list.push(id)
+      } else active.add(id)
+    }
+    const enterPass = (step: number) => {
+      for (let p = currentPass + 1; p <= step; p++) for (const id of later.get(p) ?? []) if (pending.has(id)) active.add(id)
+      currentPass = Math.max(currentPass, step)
+    }
     const runReady = Effect.gen(function*() {
       let progress = true
       while (progress && stopped === undefined) {
         progress = false
-        for (const id of pending) {
+        for (const id of active) {
+          if (!pending.has(id)) {
+            active.delete(id)
+            continue
+          }
           if (stopped !== undefined) break
           const node = byId.get(id)!
           const g = guard.get(id)
@@ -839,6 +864,7 @@ export const start = (
           return yield* new Errors.InvalidInput({ site: "", reason: `missing model inputs: ${missing.map((v) => v.name).join(", ")}` })
         }
 
+        enterPass(stepIndex)
         // cuts and events of this pass
         const cuts = new Set(loaded.canonicalCuts)
         const here = [...hookSites.values()].filter((h) => h.step === stepIndex)

@@ -670,6 +670,17 @@ const members = new Set(["output", "input", "inputs", "outputs", "call", "at", "
  * @since 0.1.0
  */
 export const envoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
+  // envoys hold no state of their own (the recorder does): one per module
+  let cache = envoys.get(recorder)
+  if (cache === undefined) envoys.set(recorder, (cache = new Map()))
+  let made = cache.get(module)
+  if (made === undefined) cache.set(module, (made = makeEnvoy(recorder, module)))
+  return made
+}
+
+const envoys = new WeakMap<Recorder, Map<ModuleInfo, Envoy>>()
+
+const makeEnvoy = (recorder: Recorder, module: ModuleInfo): Envoy => {
   const byName = new Map(module.children.map((c) => [c.name, c]))
   const params = new Map(module.parameters.map((p) => [p.name, p]))
   const isList = module.children.length > 0 && module.children.every((c) => /^\d+$/.test(c.name))
