@@ -15,7 +15,7 @@ export { LanguageModel } from "./models/LanguageModel.js"
 export type { Prompt, Tokenizer } from "./models/LanguageModel.js"
 export { Tensor, InvalidTensor } from "./core/Tensor.js"
 export type { Envoy, EnvoyMembers, Saved, Context as TraceContext, Operand } from "./core/Tracer.js"
-export { TensorProxy, HookProxy } from "./core/Tracer.js"
+export { DictProxy, GradProxy, HookProxy, ListProxy, TensorProxy, VariableProxy } from "./core/Tracer.js"
 export { Backend } from "./backends/Backend.js"
 
 export * as DType from "./core/DType.js"

@@ -158,8 +158,34 @@ export const lossGradients = (
   loss: number,
   valueOf: (id: number) => Tensor | number | boolean | undefined,
   isLeaf: (node: Graph.Node) => boolean
+): Effect.Effect<ReadonlyMap<number, Tensor>, Errors.TraceError> => expressionGradients(sessions, nodes, loss, undefined, valueOf, isLeaf)
+
+/**
+ * The gradients of an intervention value (a loss, or the value a set puts
+ * into the model) with respect to the leaves it is built from, given the
+ * gradient of the value itself (`seed`; ones for a loss). A value built from
+ * no leaf has no gradients (an empty map), except a loss, which is an error.
+ *
+ * @example
+ * const grads = yield* Backprop.expressionGradients(sessions, byId, set.value, g, valueOf, isLeaf)
+ *
+ * @since 0.1.0
+ */
+export const expressionGradients = (
+  sessions: Sessions.Cache,
+  nodes: ReadonlyMap<number, Graph.Node>,
+  loss: number,
+  seed: Tensor | undefined,
+  valueOf: (id: number) => Tensor | number | boolean | undefined,
+  isLeaf: (node: Graph.Node) => boolean
 ): Effect.Effect<ReadonlyMap<number, Tensor>, Errors.TraceError> =>
   Effect.gen(function*() {
+    const root = nodes.get(loss)
+    if (seed !== undefined) {
+      // a set of a leaf itself, or of a plain number: nothing to lower
+      if (!(valueOf(loss) instanceof Tensor)) return new Map()
+      if (root === undefined || isLeaf(root)) return new Map([[loss, seed]])
+    }
     // the operations between the leaves (module values) and the loss
     const steps: Array<Autodiff.InterventionStep> = []
     const inputs: Array<Autodiff.InterventionInput> = []
@@ -198,6 +224,7 @@ export const lossGradients = (
     yield* Effect.try({ try: () => visit(loss), catch: (e) => (Errors.isTraceError(e) ? e : new Errors.InvalidValue({ site: nodes.get(loss)?.site ?? "", reason: String(e) })) })
     const site = nodes.get(loss)?.site ?? ""
     if (leaves.length === 0) {
+      if (seed !== undefined) return new Map()
       return yield* new Errors.InvalidValue({ site, reason: "this loss reads no module value or parameter, so it has no gradient to propagate" })
     }
     const built = yield* Effect.try({
@@ -224,7 +251,7 @@ export const lossGradients = (
       )
       const lossValue = Tensor.fromOrt(fwd[`v${loss}`])
       const bfeeds: Record<string, ort.Tensor> = {
-        [built.bw.gradInputs[0]]: new Tensor(lossValue.dtype, lossValue.shape, DType.arrayFor(lossValue.dtype, lossValue.size).fill(1 as never) as never).toOrt()
+        [built.bw.gradInputs[0]]: (seed ?? new Tensor(lossValue.dtype, lossValue.shape, DType.arrayFor(lossValue.dtype, lossValue.size).fill(1 as never) as never)).toOrt()
       }
       for (const name of built.bw.forwardInputs) bfeeds[name] = feeds[name] ?? fwd[name]
       const out = yield* Sessions.run(backwardSession, bfeeds, built.bw.gradOutputs).pipe(

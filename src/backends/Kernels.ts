@@ -211,6 +211,44 @@ const broadcastTo = (value: Tensor, shape: ReadonlyArray<number>, dtype: DType.D
 }
 
 /**
+ * Sums a (float) tensor down to a shape it was broadcast from: the gradient
+ * of a broadcast value is the sum over the axes the broadcast repeated.
+ *
+ * @example
+ * Kernels.sumTo(Tensor.from([[1, 2], [3, 4]]), [2]) // [4, 6]
+ *
+ * @since 0.1.0
+ */
+export const sumTo = (t: Tensor, shape: ReadonlyArray<number>): Tensor => {
+  if (t.shape.length === shape.length && t.shape.every((d, i) => d === shape[i])) return t
+  const rank = t.shape.length
+  if (shape.length > rank) throw new Error(`cannot sum shape [${t.shape.join(", ")}] down to [${shape.join(", ")}]`)
+  const target = [...Array(rank - shape.length).fill(1), ...shape]
+  target.forEach((d, i) => {
+    if (d !== 1 && d !== t.shape[i]) throw new Error(`cannot sum shape [${t.shape.join(", ")}] down to [${shape.join(", ")}]`)
+  })
+  const outSize = shape.reduce((a, b) => a * b, 1)
+  const out = new Float64Array(outSize)
+  const strides = new Array<number>(rank).fill(0)
+  for (let i = rank - 1, acc = 1; i >= 0; i--) {
+    strides[i] = target[i] === 1 ? 0 : acc
+    acc *= target[i]
+  }
+  const src = t.data as ArrayLike<number>
+  const idx = new Array<number>(rank).fill(0)
+  for (let n = 0; n < src.length; n++) {
+    let off = 0
+    for (let i = 0; i < rank; i++) off += idx[i] * strides[i]
+    out[off] += Number(src[n])
+    for (let i = rank - 1; i >= 0; i--) {
+      if (++idx[i] < t.shape[i]) break
+      idx[i] = 0
+    }
+  }
+  return new Tensor("float32", [...shape], Float32Array.from(out))
+}
+
+/**
  * Converts a tensor's elements to another dtype.
  *
  * @since 0.1.0

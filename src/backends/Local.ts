@@ -326,9 +326,14 @@ export const start = (
     // each gradient read/set belongs to the first backward() recorded after it
     const backwards = nodes.filter((nd) => nd._tag === "Backward").map((nd) => nd.id).sort((a, b) => a - b)
     const boundTo = new Map<number, number>()
-    const gradTarget = new Map<number, { readonly tensor?: string; readonly param?: { readonly init: string; readonly transposed: boolean }; readonly rows?: Rows }>()
+    const gradTarget = new Map<
+      number,
+      { readonly tensor?: string; readonly param?: { readonly init: string; readonly transposed: boolean }; readonly rows?: Rows; readonly value?: number }
+    >()
     const backTensors = new Set<string>()
     const backParams = new Set<string>()
+    // values made outside the forward pass (session variables, constants) whose gradients are read
+    const valueGradIds = new Set<number>()
     for (const nd of nodes) {
       if (nd._tag !== "Grad" && nd._tag !== "SetGrad") continue
       const b = backwards.find((id) => id > nd.id)
@@ -347,10 +352,16 @@ export const start = (
         if (p === undefined) return yield* new Errors.UnknownModule({ path: of.module, name: of.name, available: [], site: of.site })
         gradTarget.set(nd.id, { param: { init: p.initializer, transposed: p.transposed } })
         backParams.add(p.initializer)
+      } else if (nd._tag === "Grad" && (of === undefined || of._tag === "Constant" || of._tag === "Value")) {
+        // a leaf value: an external (a session variable, an earlier trace's result) or a constant
+        gradTarget.set(nd.id, { value: nd.of })
+        valueGradIds.add(nd.of)
       } else {
         return yield* new Errors.InvalidValue({
           site: nd.site,
-          reason: "gradients can be read and set on module inputs and outputs and on parameters"
+          reason: nd._tag === "SetGrad"
+            ? "gradients can be set on module inputs and outputs and on parameters"
+            : "gradients can be read on module inputs and outputs, on parameters, and on values made outside the forward pass (session variables, constants); read the gradient of the module value this one is computed from"
         })
       }
     }
@@ -365,6 +376,20 @@ export const start = (
     for (const b of backwards) {
       const nd = byId.get(b)!
       if (nd._tag === "Backward") ancestors(nd.loss)
+    }
+    // the output sets a backward pass goes back through (later ones first): the
+    // gradient of a set's value flows on to what the value is made of
+    const backSets = backwards.length === 0 ? [] : nodes
+      .filter((nd): nd is Graph.Node & { _tag: "Set" } => nd._tag === "Set" && hookSites.get(hookKey(nd.ref))!.point === "output")
+      .sort((a, b) => b.id - a.id)
+    for (const nd of backSets) {
+      ancestors(nd.value)
+      backTensors.add(hookSites.get(hookKey(nd.ref))!.tensor)
+    }
+    // the module values the loss and the sets read get their gradients at their own cuts
+    for (const id of keepForBackward) {
+      const nd = byId.get(id)
+      if (nd?._tag === "Hook") backTensors.add(hookSites.get(hookKey(nd.ref))!.tensor)
     }
     const backBorders = backwards.length > 0 ? Backprop.cuts(loaded, backTensors) : []
     const backForward = new Set<string>()
@@ -381,12 +406,37 @@ export const start = (
     let forwardDone = false
     let inBackward = false
     const appliedGrads = new Set<number>()
+    // the values that sets replaced, which the backward of their producers needs
+    const originals = new Map<string, Tensor>()
 
     // -- node bookkeeping ----------------------------------------------------
     const values = new Map<number, Val>(options.externals ?? [])
     const done = new Set<number>(options.externals?.keys() ?? [])
     const uses = new Map<number, number>()
     const resultIds = new Set([...Graph.resultRefs(graph.result), ...(options.keep ?? []), ...keepForBackward])
+    // variables given new values: the new values go back to the caller (a session)
+    // and, in recording order, readers wait for earlier assignments and assignments for earlier readers
+    const after = new Map<number, Array<number>>()
+    const targets = new Set(nodes.flatMap((nd) => (nd._tag === "Assign" ? [nd.target] : [])))
+    if (targets.size > 0) {
+      const readers = new Map<number, Array<number>>()
+      const lastAssign = new Map<number, number>()
+      const wait = (id: number, on: number) => after.set(id, [...(after.get(id) ?? []), on])
+      for (const nd of nodes) {
+        for (const d of Graph.dependencies(nd)) {
+          if (!targets.has(d)) continue
+          const a = lastAssign.get(d)
+          if (a !== undefined && a !== nd.id) wait(nd.id, a)
+          if (nd._tag !== "Assign" || nd.target !== d) readers.set(d, [...(readers.get(d) ?? []), nd.id])
+        }
+        if (nd._tag === "Assign") {
+          for (const r of readers.get(nd.target) ?? []) if (r !== nd.id) wait(nd.id, r)
+          readers.set(nd.target, [])
+          lastAssign.set(nd.target, nd.id)
+          resultIds.add(nd.target)
+        }
+      }
+    }
     for (const node of nodes) for (const d of Graph.dependencies(node)) uses.set(d, (uses.get(d) ?? 0) + 1)
     const snapshots = new Map<string, Tensor>()
     const hookUsers = new Map<string, number>()
@@ -525,6 +575,7 @@ export const start = (
                 })
             })
             snapshots.set(key, replaced)
+            if (backSets.length > 0 && site.point === "output" && !originals.has(site.tensor)) originals.set(site.tensor, snap)
             if (site.point === "output") env.set(site.tensor, replaced)
             else overrides.push({ start: site.start, end: site.end, tensor: site.tensor, value: replaced })
             release(node.value)
@@ -577,6 +628,13 @@ export const start = (
             if (target instanceof Values.List && node.key === null) target.items.push(value)
             else if (target instanceof Values.Dict && node.key !== null) target.entries.set(node.key, value)
             else return yield* new Errors.InvalidValue({ site: node.site, reason: node.key === null ? "append needs a list" : "setting a key needs a dict" })
+            values.set(node.id, true)
+            release(node.value)
+            return true
+          }
+          case "Assign": {
+            if (!ready([node.target, node.value])) return false
+            values.set(node.target, values.get(node.value)!)
             values.set(node.id, true)
             release(node.value)
             return true
@@ -655,32 +713,57 @@ export const start = (
         const bound = nodes.filter((nd) => boundTo.get(nd.id) === node.id).sort((a, b) => a.id - b.id)
         const gradAcc = new Map<string, Tensor>()
         const paramAcc = new Map<string, Tensor>()
-        // 1. through the interventions that built the loss, to the module values it read
-        const leafGrads = yield* Backprop.lossGradients(
-          sessions,
-          byId,
-          node.loss,
-          (id) => {
-            const v = values.get(id)
-            return v instanceof Tensor || typeof v === "number" || typeof v === "boolean" ? v : undefined
-          },
-          (nd) => nd._tag === "Hook" || nd._tag === "Param"
-        )
-        for (const [id, g] of leafGrads) {
-          const hook = byId.get(id)
-          if (hook?._tag === "Param") {
-            // a parameter the loss reads directly
-            const module = loaded.tree.modules.get(hook.module)
-            const p = module?.parameters.find((q) => q.name === hook.name)
-            if (p !== undefined) addInto(paramAcc, p.initializer, p.transposed ? Kernels.transpose2d(g) : g)
-            continue
-          }
-          if (hook?._tag !== "Hook") continue
-          const site = hookSites.get(hookKey(hook.ref))!
-          const whole = forwardTensor(site.tensor) ?? snapshots.get(site.key)
-          if (whole === undefined) continue
-          addInto(gradAcc, site.tensor, replaceRows(zerosLike(whole), g, rows[hook.ref.invoke], batch, invokes))
+        const valueAcc = new Map<string, Tensor>()
+        const valueOf = (id: number) => {
+          const v = values.get(id)
+          return v instanceof Tensor || typeof v === "number" || typeof v === "boolean" ? v : undefined
         }
+        const isLeaf = (nd: Graph.Node) => nd._tag === "Hook" || nd._tag === "Param" || valueGradIds.has(nd.id)
+        /** Hands gradients of intervention leaves on: to module values, parameters, read values. */
+        const distribute = (grads: ReadonlyMap<number, Tensor>) => {
+          for (const [id, g] of grads) {
+            if (valueGradIds.has(id)) {
+              addInto(valueAcc, String(id), g)
+              continue
+            }
+            const hook = byId.get(id)
+            if (hook?._tag === "Param") {
+              // a parameter the interventions read directly
+              const module = loaded.tree.modules.get(hook.module)
+              const p = module?.parameters.find((q) => q.name === hook.name)
+              if (p !== undefined) addInto(paramAcc, p.initializer, p.transposed ? Kernels.transpose2d(g) : g)
+              continue
+            }
+            if (hook?._tag !== "Hook") continue
+            const site = hookSites.get(hookKey(hook.ref))!
+            const whole = forwardTensor(site.tensor) ?? snapshots.get(site.key)
+            if (whole === undefined) continue
+            addInto(gradAcc, site.tensor, replaceRows(zerosLike(whole), g, rows[hook.ref.invoke], batch, invokes))
+          }
+        }
+        // 1. through the interventions that built the loss, to the module values it read
+        distribute(yield* Backprop.lossGradients(sessions, byId, node.loss, valueOf, isLeaf))
+        /** Through the sets at a cut: the gradient of a set's rows goes to what its value is made of. */
+        const throughSets = (border: number) =>
+          Effect.gen(function*() {
+            for (const set of backSets) {
+              const site = hookSites.get(hookKey(set.ref))!
+              const p = idx.producer.get(site.tensor)
+              if ((p === undefined ? 0 : idx.position[p] + 1) !== border) continue
+              const g = gradAcc.get(site.tensor)
+              const value = values.get(set.value)
+              if (g === undefined || !(value instanceof Tensor || typeof value === "number" || typeof value === "boolean")) continue
+              const r = rows[set.ref.invoke]
+              const part = narrow(g, r, batch, invokes)
+              gradAcc.set(site.tensor, replaceRows(g, zerosLike(part), r, batch, invokes))
+              if (!(value instanceof Tensor) || !DType.isFloat(value.dtype)) continue
+              const seed = yield* Effect.try({
+                try: () => Kernels.sumTo(part, value.shape),
+                catch: (e) => fail(set.site, e)
+              })
+              distribute(yield* Backprop.expressionGradients(sessions, byId, set.value, Kernels.castTo(seed, value.dtype), valueOf, isLeaf))
+            }
+          })
         // 2. through the model, segment by segment from its end
         const fire = (border: number) =>
           Effect.gen(function*() {
@@ -711,6 +794,7 @@ export const start = (
                 yield* runReady
               }
             }
+            yield* throughSets(border)
           })
         // tensors the model's last node makes are complete at once
         yield* fire(backBorders[backBorders.length - 1])
@@ -725,7 +809,9 @@ export const start = (
               if (g === undefined) return yield* new Errors.ExecutionError({ site: node.site, reason: `internal: no forward value of "${o}" for backward` })
               seeds.set(o, g)
             }
-            const grads = yield* Backprop.runStep(sessions, s, seeds, forwardTensor)
+            // a set tensor is its producer's output here: the producer's backward needs the value it made
+            const produced = new Set(s.outputs)
+            const grads = yield* Backprop.runStep(sessions, s, seeds, (name) => (produced.has(name) ? originals.get(name) : undefined) ?? forwardTensor(name))
             for (const [w, g] of grads) addInto(backParams.has(w) ? paramAcc : gradAcc, w, g)
           }
           yield* fire(start)
@@ -733,9 +819,16 @@ export const start = (
         // parameters
         for (const nd of bound) {
           const target = gradTarget.get(nd.id)!
-          if (target.param === undefined && nd._tag === "Grad" && !values.has(nd.id) && !done.has(nd.id)) {
+          if (target.tensor !== undefined && nd._tag === "Grad" && !values.has(nd.id) && !done.has(nd.id)) {
             return yield* new Errors.Unavailable({ site: nd.site, reason: "backward() never reached this value (it does not lead to the loss)" })
           }
+        }
+        for (const nd of bound) {
+          const target = gradTarget.get(nd.id)!
+          if (target.value === undefined || nd._tag !== "Grad") continue
+          const v = values.get(target.value)
+          const g = valueAcc.get(String(target.value))
+          values.set(nd.id, g ?? (v instanceof Tensor ? zerosLike(v) : 0))
         }
         for (const nd of bound) {
           const target = gradTarget.get(nd.id)!
@@ -761,6 +854,8 @@ export const start = (
     const keys = new Map<number, string>()
     for (const nd of nodes) if (nd._tag === "Hook" || nd._tag === "Set") keys.set(nd.id, hookKey(nd.ref))
     const mayRun = (node: Graph.Node): boolean => {
+      const waits = after.get(node.id)
+      if (waits !== undefined && !allDone(waits)) return false
       switch (node._tag) {
         case "Hook":
           return snapshots.has(keys.get(node.id)!) && allDone(setsBefore.get(node.id)!)

@@ -736,6 +736,13 @@ export const make = (loaded: Loaded.Loaded, options: Options): Scanner => {
         values.set(node.id, rule(args, op.attrs, op.op))
         return
       }
+      case "Assign": {
+        // later readers of the variable see the new value's shape
+        const target = any.target as number
+        const value = any.value as number
+        if (known([value])) values.set(target, values.get(value)!)
+        return
+      }
       case "Apply": {
         const a = node as Graph.Node & { _tag: "Apply" }
         if (!known(a.args)) return

@@ -181,6 +181,16 @@ export const Append = Schema.TaggedStruct("Append", {
 })
 
 /**
+ * Gives a variable a new value (`v.set(x)`): nodes recorded after it that
+ * read `target` see `value`; nodes recorded before it still see the old one.
+ * Variables live across a session's traces and loop passes (weights being
+ * trained, running totals).
+ *
+ * @since 0.1.0
+ */
+export const Assign = Schema.TaggedStruct("Assign", { id: Schema.Number, site: Site, target: Schema.Number, value: Schema.Number })
+
+/**
  * Runs a local TypeScript function on values (`apply(fn, ...args)`); `fn`
  * indexes the recording's function table, which never crosses the wire.
  *
@@ -196,8 +206,9 @@ export const Call = Schema.TaggedStruct("Call", { id: Schema.Number, site: Site,
 export const Log = Schema.TaggedStruct("Log", { id: Schema.Number, site: Site, args: Schema.Array(Schema.Number) })
 
 /**
- * The gradient of a node's value (a module input/output read, or a
- * parameter) in the first `Backward` recorded after this node.
+ * The gradient of a node's value (a module input/output read, a parameter,
+ * or a value the interventions use, such as a session variable) in the
+ * first `Backward` recorded after this node.
  *
  * @since 0.1.0
  */
@@ -307,6 +318,7 @@ export type Node =
   | typeof ListNew.Type
   | typeof DictNew.Type
   | typeof Append.Type
+  | typeof Assign.Type
   | typeof Call.Type
   | typeof Log.Type
   | typeof Grad.Type
@@ -335,6 +347,7 @@ export const Node: Schema.Codec<Node> = Schema.Union([
   ListNew,
   DictNew,
   Append,
+  Assign,
   Call,
   Log,
   Grad,
@@ -473,6 +486,7 @@ export const dependencies = (node: Node): ReadonlyArray<number> => {
     case "ListNew":
       return node.items
     case "Append":
+    case "Assign":
       return [node.target, node.value]
     case "Grad":
       return [node.of]
@@ -548,6 +562,8 @@ export const label = (node: Node): string => {
       return `%${node.id} = dict()`
     case "Append":
       return `%${node.id} = %${node.target}${node.key === null ? ".append" : `[${JSON.stringify(node.key)}] =`}(%${node.value})`
+    case "Assign":
+      return `%${node.id} = %${node.target} := %${node.value}`
     case "Call":
       return `%${node.id} = apply(fn#${node.fn}${node.args.map((x) => `, %${x}`).join("")})`
     case "Log":

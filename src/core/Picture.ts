@@ -52,6 +52,8 @@ const describe = (node: Graph.Node, invokes: number): Shape => {
       return { label: "dict", kind: "value" }
     case "Append":
       return { label: node.key === null ? "append" : `put ${node.key}`, kind: "op" }
+    case "Assign":
+      return { label: "assign", kind: "set" }
     case "Call":
       return { label: "apply", kind: "op" }
     case "Log":

@@ -208,15 +208,15 @@ export class Recorder {
   }
 
   /** A graph-side list with initial items. */
-  list(items: ReadonlyArray<Operand>): TensorProxy {
+  list(items: ReadonlyArray<Operand>): ListProxy {
     const site = Site.capture()
     const ids = items.map((i) => this.operand(i, site))
-    return new TensorProxy(this, this.push({ _tag: "ListNew", items: ids }, site))
+    return new ListProxy(this, this.push({ _tag: "ListNew", items: ids }, site))
   }
 
   /** A graph-side dictionary. */
-  dict(): TensorProxy {
-    return new TensorProxy(this, this.push({ _tag: "DictNew" }))
+  dict(): DictProxy {
+    return new DictProxy(this, this.push({ _tag: "DictNew" }))
   }
 
   /** Runs a local function on values when the graph runs. */
@@ -442,8 +442,9 @@ export class TensorProxy {
     return this.recorder.op("Index", [this], { items: encodeItems(items) })
   }
   /**
-   * The gradient of this value (a module's input or output, or a parameter)
-   * in the next `backward()` recorded after this read. `.grad.set(v)` replaces
+   * The gradient of this value (a module's input or output, a parameter, or
+   * a value made outside the forward pass such as a session variable) in the
+   * next `backward()` recorded after this read. `.grad.set(v)` replaces
    * it: what flows further back is `v`.
    *
    * @example
@@ -552,6 +553,67 @@ export class GradProxy extends TensorProxy {
 
   /** Replaces this gradient by `fn(gradient)`. */
   update(fn: (g: TensorProxy) => Operand): void {
+    this.set(fn(this))
+  }
+}
+
+/**
+ * A graph-side list (`s.list()`, `t.list()`): `append` adds to it while the
+ * graph runs; returned, it comes back as an array.
+ *
+ * @example
+ * const seen = s.list()
+ * s.iter(prompts, (p) => s.trace(p, (m) => seen.append(m.lm_head.output.at(0, -1).argmax())))
+ *
+ * @since 0.1.0
+ */
+export class ListProxy extends TensorProxy {
+  declare readonly _list: true
+}
+
+/**
+ * A graph-side dictionary (`s.dict()`, `t.dict()`): `put` sets a key while
+ * the graph runs; returned, it comes back as a plain object.
+ *
+ * @example
+ * const d = s.dict()
+ * d.put("loss", loss)
+ *
+ * @since 0.1.0
+ */
+export class DictProxy extends TensorProxy {
+  declare readonly _dict: true
+}
+
+/**
+ * A variable (`s.variable(initial)`): a value that `set(v)` and `update(fn)`
+ * replace for every node recorded after them, across a session's traces and
+ * loop passes. Its gradient (`v.grad`) is how weights trained inside a
+ * session (a LoRA adapter, a steering vector) learn.
+ *
+ * @example
+ * const w = s.variable(Tensor.zeros([64]))
+ * s.iter(prompts, (p) => {
+ *   s.trace(p, (m, t) => {
+ *     m.model.layers[1].output.at(0).update((h) => h.add(w))
+ *     const g = w.grad
+ *     m.output.at(0).at(0, -1, 42).neg().backward()
+ *     w.update((x) => x.sub(g.mul(0.1)))
+ *   })
+ * })
+ *
+ * @since 0.1.0
+ */
+export class VariableProxy extends TensorProxy {
+  /** Gives the variable a new value: nodes recorded after this see `value`. */
+  set(value: Operand): void {
+    const site = Site.capture()
+    const v = this.recorder.operand(value, site)
+    this.recorder.push({ _tag: "Assign", target: this.id, value: v }, site)
+  }
+
+  /** Replaces the variable's value by `fn(value)`. */
+  update(fn: (x: TensorProxy) => Operand): void {
     this.set(fn(this))
   }
 }
@@ -809,9 +871,9 @@ export interface Context<I> {
   /** Records `then` to run only when `predicate` holds when the graph runs (else `otherwise`). */
   cond(predicate: Operand, then: () => void, otherwise?: () => void): void
   /** A graph-side list. */
-  list(...items: ReadonlyArray<Operand>): TensorProxy
+  list(...items: ReadonlyArray<Operand>): ListProxy
   /** A graph-side dictionary. */
-  dict(): TensorProxy
+  dict(): DictProxy
   /** Runs a local TypeScript function on values when the graph runs (local backends only). */
   apply<A extends ReadonlyArray<unknown>>(fn: (...args: A) => unknown, ...args: ReadonlyArray<Operand>): TensorProxy
   /** Prints values when the graph runs. */
@@ -1048,7 +1110,11 @@ const toResult = (recorder: Recorder, value: unknown): Graph.Result => {
  *
  * @since 0.1.0
  */
-export type Saved<R> = R extends TensorProxy
+export type Saved<R> = R extends ListProxy
+  ? ReadonlyArray<unknown>
+  : R extends DictProxy
+  ? Readonly<Record<string, unknown>>
+  : R extends TensorProxy
   ? Tensor
   : R extends Tensor
     ? Tensor
@@ -1098,9 +1164,9 @@ export interface SessionContext<I> {
   /** Runs `then` when `predicate` holds, else `otherwise`. */
   cond(predicate: Operand, then: () => void, otherwise?: () => void): void
   /** A graph-side list. */
-  list(...items: ReadonlyArray<Operand>): TensorProxy
+  list(...items: ReadonlyArray<Operand>): ListProxy
   /** A graph-side dictionary. */
-  dict(): TensorProxy
+  dict(): DictProxy
   /** Runs a local TypeScript function on values when the session runs. */
   apply<A extends ReadonlyArray<unknown>>(fn: (...args: A) => unknown, ...args: ReadonlyArray<Operand>): TensorProxy
   /** Prints values when the session runs. */
@@ -1109,6 +1175,11 @@ export interface SessionContext<I> {
   stop(): void
   /** A constant in the graph. */
   constant(value: Operand): TensorProxy
+  /**
+   * A variable that `set`/`update` replace for the rest of the session, and
+   * whose gradient `.grad` reads (weights trained inside a session).
+   */
+  variable(initial: Operand): VariableProxy
 }
 
 /**
@@ -1217,7 +1288,13 @@ export const recordSession = <I, R>(
     stop: () => {
       recorder.push({ _tag: "Stop" })
     },
-    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here()))
+    constant: (value) => new TensorProxy(recorder, recorder.operand(value, Site.here())),
+    variable: (initial) => {
+      const site = Site.here()
+      // a variable is its own node: assigning to it never changes the value it started from
+      const id = initial instanceof TensorProxy ? initial.clone().id : recorder.operand(initial, site)
+      return new VariableProxy(recorder, id)
+    }
   }
   const returned = fn(s)
   const result = toResult(recorder, returned)
