@@ -14,8 +14,9 @@
  *   anything malformed, oversized, unauthorised or over a limit is a typed
  *   4xx and never reaches the queue.
  * - **The queue** ({@link JobQueue}) is a service: the in-memory one here
- *   runs one worker per model; a cluster-backed one (effect/cluster) can
- *   replace it with the same interface, reusing {@link runGroup}.
+ *   runs one worker per model; the cluster-backed one of `Cluster`
+ *   (effect/cluster, PostgreSQL) replaces it with the same interface,
+ *   reusing {@link runGroup} ({@link layerWith}).
  * - **Co-batching**: concurrent trace jobs for the same model whose inputs
  *   have the same shapes (beyond the batch dimension) run as invokes of one
  *   forward pass: their graphs are merged (node ids and invoke indices
@@ -421,7 +422,13 @@ const toResult = (outcome: Local.Outcome, tokens?: Tensor): Protocol.JobResult =
 const savedBytes = (r: Protocol.JobResult): number =>
   r.values.reduce((a, v) => a + Protocol.valueBytes(v.value as Values.Val), 0) + (r.tokens === undefined ? 0 : Protocol.valueBytes(r.tokens))
 
-const defectError = (cause: Cause.Cause<unknown>): Protocol.JobError => {
+/**
+ * The job error a failed run's cause reports: its trace error or limit,
+ * else an internal error.
+ *
+ * @since 0.1.0
+ */
+export const defectError = (cause: Cause.Cause<unknown>): Protocol.JobError => {
   const e = Cause.squash(cause)
   if (Errors.isTraceError(e)) return e
   if (e instanceof Protocol.LimitExceeded) return e
@@ -1240,14 +1247,26 @@ export interface Running {
  *
  * @since 0.1.0
  */
-export const layer = (options: StartOptions) => {
-  const services = Layer.mergeAll(
+export const layer = (options: StartOptions) =>
+  layerWith(
+    options,
     JobQueue.layerMemory({
       coBatch: { enabled: options.coBatch ?? true, maxRows: options.coBatchMaxRows, maxJobs: options.coBatchMaxJobs },
       resultTtlMs: options.resultTtlMs
-    }),
-    Layer.effect(Keys, makeKeys(options.keys, options.limits))
-  ).pipe(Layer.provideMerge(Registry.layer(options.models)))
+    })
+  )
+
+/**
+ * The whole server as a layer, with the given {@link JobQueue} (e.g. the
+ * cluster-backed one of `Cluster`); the queue may need the {@link Registry},
+ * which this layer provides.
+ *
+ * @since 0.1.0
+ */
+export const layerWith = <E, R>(options: StartOptions, queue: Layer.Layer<JobQueue, E, R>) => {
+  const services = Layer.mergeAll(queue, Layer.effect(Keys, makeKeys(options.keys, options.limits))).pipe(
+    Layer.provideMerge(Registry.layer(options.models))
+  )
   return HttpRouter.serve(apiLayer(options), { disableLogger: options.logRequests !== true, disableListenLog: true }).pipe(
     Layer.provideMerge(services),
     Layer.provideMerge(NodeHttpServer.layer(() => createServer({ keepAliveTimeout: 10_000 }), { port: options.port ?? 8470, host: options.host ?? "127.0.0.1" }))
@@ -1264,15 +1283,26 @@ export const layer = (options: StartOptions) => {
  *
  * @since 0.1.0
  */
-export const start = async (options: StartOptions): Promise<Running> => {
+export const start = (options: StartOptions): Promise<Running> => startLayer(layer(options), options.host)
+
+/**
+ * Starts a server layer (from {@link layer} or {@link layerWith}) in this
+ * process; `host` is the interface it listens on (for its URL).
+ *
+ * @since 0.1.0
+ */
+export const startLayer = async (
+  serverLayer: Layer.Layer<HttpServer.HttpServer | JobQueue, unknown>,
+  host?: string
+): Promise<Running> => {
   const scope = Effect.runSync(Scope.make())
   try {
-    const context = await Effect.runPromise(Layer.buildWithScope(layer(options), scope))
+    const context = await Effect.runPromise(Layer.buildWithScope(serverLayer, scope))
     const server = Context.get(context, HttpServer.HttpServer)
     const queue = Context.get(context, JobQueue)
     const address = server.address
     const port = address._tag === "UnixPathAddress" ? 0 : address.port
-    const hostname = options.host ?? "127.0.0.1"
+    const hostname = host ?? "127.0.0.1"
     const urlHost = hostname.includes(":") ? `[${hostname}]` : hostname
     return {
       url: `http://${urlHost === "0.0.0.0" ? "127.0.0.1" : urlHost}:${port}`,
