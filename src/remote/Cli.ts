@@ -7,6 +7,11 @@
  *   and the environment (`NNSIGHT_API_KEYS="id:key,..."`,
  *   `NNSIGHT_API_KEY_HASHES="id:hash,..."`); with none, a key is generated
  *   for the run and printed.
+ * - `nnsight-ts serve --database postgres://... [--role both|front|runner]`
+ *   runs on the cluster instead (see `Cluster`): jobs and their messages in
+ *   PostgreSQL, model workers sharded across runner processes
+ *   (`--runner-address host:port`, distinct per runner), HTTP fronts on any
+ *   number of machines. The URL may come from `NNSIGHT_DATABASE_URL`.
  * - `nnsight-ts keygen --id alice` prints a new key and its key-file entry.
  *
  * @example
@@ -18,11 +23,12 @@ import { existsSync } from "node:fs"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { NodeRuntime, NodeServices } from "@effect/platform-node"
-import { Console, Context, Effect, Layer, Option } from "effect"
+import { Config, Console, Context, Effect, Layer, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { HttpServer } from "effect/http"
 import { LanguageModel } from "../models/LanguageModel.js"
 import { NNsight, type TracedModel } from "../models/NNsight.js"
+import * as Cluster from "./Cluster.js"
 import type * as Protocol from "./Protocol.js"
 import * as Server from "./Server.js"
 
@@ -71,6 +77,111 @@ const models = Flag.String("model").pipe(
   Flag.atLeast(1)
 )
 
+const loadModels = (sources: ReadonlyArray<string>) =>
+  Effect.acquireRelease(
+    Effect.promise(async () => {
+      const out: Array<{ key: string; model: TracedModel<any> }> = []
+      for (const s of sources.map(parseModel)) out.push({ key: s.key, model: await loadModel(s.source) })
+      return out
+    }),
+    (ms) => Effect.promise(() => Promise.all(ms.map((m) => m.model.close())).then(() => undefined))
+  )
+
+/**
+ * Parses `host:port` (`[v6]:port` too).
+ *
+ * @example
+ * Cli.parseAddress("10.0.0.5:34431") // { host: "10.0.0.5", port: 34431 }
+ *
+ * @since 0.1.0
+ */
+export const parseAddress = (s: string): { readonly host: string; readonly port: number } => {
+  const colon = s.lastIndexOf(":")
+  const port = Number(s.slice(colon + 1))
+  if (colon <= 0 || !Number.isSafeInteger(port) || port <= 0 || port > 65535) throw new Error(`expected host:port, got ${JSON.stringify(s)}`)
+  return { host: s.slice(0, colon).replace(/^\[(.*)\]$/, "$1"), port }
+}
+
+/** Where a database URL points, without its credentials. */
+const describeDatabase = (url: string): string => {
+  try {
+    const u = new URL(url)
+    return `${u.hostname}${u.port === "" ? "" : `:${u.port}`}${u.pathname}`
+  } catch {
+    return "the database"
+  }
+}
+
+interface ServeFlags {
+  readonly models: ReadonlyArray<string>
+  readonly port: number
+  readonly host: string
+  readonly keys: Option.Option<string>
+  readonly coBatch: boolean
+  readonly maxBodyMb: number
+  readonly concurrentJobs: Option.Option<number>
+  readonly wallTimeS: Option.Option<number>
+  readonly logRequests: boolean
+  readonly role: Cluster.Role
+  readonly runnerAddress: string
+  readonly runnerListen: Option.Option<string>
+  readonly leaseSeconds: number
+  readonly maxAttempts: number
+}
+
+/** `serve --database`: a front, a runner, or both, on the cluster. */
+const serveCluster = (flags: ServeFlags, database: string) =>
+  Effect.gen(function*() {
+    const address = yield* Effect.try(() => parseAddress(flags.runnerAddress)).pipe(Effect.orDie)
+    const cluster: Cluster.ClusterOptions = {
+      database,
+      role: flags.role,
+      runner: { ...address, ...(Option.isSome(flags.runnerListen) ? { listenHost: flags.runnerListen.value } : {}) },
+      leaseMs: Math.round(flags.leaseSeconds * 1000),
+      maxAttempts: flags.maxAttempts
+    }
+    const where = describeDatabase(database)
+    if (flags.role === "runner") {
+      const loaded = yield* loadModels(flags.models)
+      yield* Layer.build(Cluster.layerRunner({ ...cluster, models: loaded, coBatch: flags.coBatch }))
+      yield* Console.log(`nnsight-ts runner ${Cluster.runnerName(cluster)} hosting ${loaded.map((m) => m.key).join(", ")} (jobs in ${where})`)
+      return yield* Effect.never
+    }
+    const keys: Array<Server.KeyEntry | Server.PlainKey> = [...Server.keysFromEnv()]
+    if (Option.isSome(flags.keys)) {
+      const file = flags.keys.value
+      keys.push(...(yield* Effect.promise(() => readKeyFile(file))))
+    }
+    if (keys.length === 0) {
+      const key = Server.generateKey()
+      keys.push({ id: "dev", key })
+      yield* Console.log(`no API keys configured (--keys or NNSIGHT_API_KEYS): this run accepts the key\n  ${key}`)
+    }
+    const loaded = yield* loadModels(flags.models)
+    const limits: Partial<Protocol.Limits> = {
+      ...(Option.isSome(flags.concurrentJobs) ? { concurrentJobs: flags.concurrentJobs.value } : {}),
+      ...(Option.isSome(flags.wallTimeS) ? { wallTimeMs: flags.wallTimeS.value * 1000 } : {})
+    }
+    const context = yield* Layer.build(
+      Cluster.layer({
+        ...cluster,
+        models: loaded,
+        keys,
+        limits,
+        port: flags.port,
+        host: flags.host,
+        coBatch: flags.coBatch,
+        maxBodyBytes: flags.maxBodyMb * 1024 * 1024,
+        logRequests: flags.logRequests
+      })
+    )
+    const httpAddress = Context.get(context, HttpServer.HttpServer).address
+    const port = httpAddress._tag === "UnixPathAddress" ? 0 : httpAddress.port
+    const runs = flags.role === "both" ? `, runner ${Cluster.runnerName(cluster)}` : ""
+    yield* Console.log(`nnsight-ts serving ${loaded.map((m) => m.key).join(", ")} on http://${flags.host}:${port} (cluster ${flags.role}${runs}; jobs in ${where})`)
+    return yield* Effect.never
+  }).pipe(Effect.scoped)
+
 const serve = Command.make(
   "serve",
   {
@@ -85,10 +196,30 @@ const serve = Command.make(
     maxBodyMb: Flag.Int("max-body-mb").pipe(Flag.withDescription("Largest request body, MiB"), Flag.withDefault(64)),
     concurrentJobs: Flag.Int("max-jobs").pipe(Flag.withDescription("Default limit of unfinished jobs per key"), Flag.optional),
     wallTimeS: Flag.Int("max-seconds").pipe(Flag.withDescription("Default wall-time limit of one run, seconds"), Flag.optional),
-    logRequests: Flag.Boolean("log-requests").pipe(Flag.withDescription("Log every HTTP request"), Flag.withDefault(false))
+    logRequests: Flag.Boolean("log-requests").pipe(Flag.withDescription("Log every HTTP request"), Flag.withDefault(false)),
+    database: Flag.String("database").pipe(
+      Flag.withDescription("PostgreSQL URL: run on the cluster (jobs in the database, workers on runner processes); default NNSIGHT_DATABASE_URL"),
+      Flag.withFallbackConfig(Config.String("NNSIGHT_DATABASE_URL")),
+      Flag.optional
+    ),
+    role: Flag.Literals("role", ["both", "front", "runner"]).pipe(
+      Flag.withDescription("With --database: serve the HTTP API (front), run jobs (runner), or both"),
+      Flag.withDefault("both" as const)
+    ),
+    runnerAddress: Flag.String("runner-address").pipe(
+      Flag.withDescription("With --database: host:port where other processes reach this runner (one per runner)"),
+      Flag.withDefault("127.0.0.1:34431")
+    ),
+    runnerListen: Flag.String("runner-listen").pipe(Flag.withDescription("Interface the runner listens on (default: the address's host)"), Flag.optional),
+    leaseSeconds: Flag.Finite("lease-seconds").pipe(
+      Flag.withDescription("With --database: how long a silent runner keeps its shards (its jobs move on after about this long); the same in every process"),
+      Flag.withDefault(20)
+    ),
+    maxAttempts: Flag.Int("max-attempts").pipe(Flag.withDescription("With --database: starts of a job before it is reported failed"), Flag.withDefault(3))
   },
   (flags) =>
     Effect.gen(function*() {
+      if (Option.isSome(flags.database)) return yield* serveCluster(flags, flags.database.value)
       const keys: Array<Server.KeyEntry | Server.PlainKey> = [...Server.keysFromEnv()]
       if (Option.isSome(flags.keys)) {
         const file = flags.keys.value
