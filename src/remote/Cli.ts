@@ -219,7 +219,7 @@ const serve = Command.make(
   },
   (flags) =>
     Effect.gen(function*() {
-      if (Option.isSome(flags.database)) return yield* serveCluster(flags, flags.database.value)
+      if (Option.isSome(flags.database) && flags.database.value.trim() !== "") return yield* serveCluster(flags, flags.database.value)
       const keys: Array<Server.KeyEntry | Server.PlainKey> = [...Server.keysFromEnv()]
       if (Option.isSome(flags.keys)) {
         const file = flags.keys.value
