@@ -50,6 +50,13 @@ export interface Cache {
   readonly created: () => number
   /** How many sessions are open now. */
   readonly size: () => number
+  /**
+   * Runs `f` with the session for `key` (created from `bytes()` the first
+   * time); while `f` runs, {@link Cache.drop} of the key waits for it.
+   */
+  readonly use: <A, E>(key: string, bytes: () => Uint8Array, f: (session: ort.InferenceSession) => Effect.Effect<A, E>) => Effect.Effect<A, E | OrtError>
+  /** Releases the sessions of `keys` now, or when their last `use` ends. */
+  readonly drop: (keys: Iterable<string>) => void
 }
 
 /**
@@ -82,7 +89,12 @@ export const sessionOptions = (options: Options = {}): ort.InferenceSession.Sess
 export const make = (options: Options = {}): Effect.Effect<Cache, never, Scope.Scope> =>
   Effect.gen(function*() {
     const sessions = new Map<string, Promise<ort.InferenceSession>>()
+    const users = new Map<Promise<ort.InferenceSession>, number>()
+    const dropped = new Set<Promise<ort.InferenceSession>>()
     let created = 0
+    const releaseLater = (p: Promise<ort.InferenceSession>) => {
+      p.then((s) => s.release()).catch(() => undefined)
+    }
     const opts = sessionOptions(options)
     yield* Effect.addFinalizer(() =>
       Effect.promise(async () => {
@@ -109,7 +121,32 @@ export const make = (options: Options = {}): Effect.Effect<Cache, never, Scope.S
         },
         catch: (cause) => new OrtError({ message: `onnxruntime could not create a session: ${String(cause)}`, cause })
       })
-    return { get, created: () => created, size: () => sessions.size }
+    const use = <A, E>(key: string, bytes: () => Uint8Array, f: (session: ort.InferenceSession) => Effect.Effect<A, E>) =>
+      Effect.flatMap(get(key, bytes), (session) => {
+        const p = sessions.get(key)
+        if (p === undefined) return f(session)
+        return Effect.acquireUseRelease(
+          Effect.sync(() => users.set(p, (users.get(p) ?? 0) + 1)),
+          () => f(session),
+          () =>
+            Effect.sync(() => {
+              const left = (users.get(p) ?? 1) - 1
+              if (left > 0) return users.set(p, left)
+              users.delete(p)
+              if (dropped.delete(p)) releaseLater(p)
+            })
+        )
+      })
+    const drop = (keys: Iterable<string>) => {
+      for (const key of keys) {
+        const p = sessions.get(key)
+        if (p === undefined) continue
+        sessions.delete(key)
+        if ((users.get(p) ?? 0) > 0) dropped.add(p)
+        else releaseLater(p)
+      }
+    }
+    return { get, created: () => created, size: () => sessions.size, use, drop }
   })
 
 /**
