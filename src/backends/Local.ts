@@ -135,21 +135,24 @@ const plan = (loaded: Loaded.Loaded, start: number, end: number, extra: Readonly
 /**
  * Write passes and their sessions. A pass that writes (or feeds a backward
  * pass) cuts the model where it writes (or where the backward chain cuts);
- * the first time, it runs on the canonical block segments (shared by every
- * pattern, so a sweep over many positions adds only small sessions). When
- * the same pattern comes again right after itself (a loop, a benchmark, a
- * generation's steps), it gets its own few sessions, cut only where it must:
- * a chain of block sessions pays each run's fixed overhead once per block
- * (about 8% on a GPT-2-small-sized model). One such pattern is kept per
- * model, so its memory is bounded by one more copy of the weights; the next
- * pattern releases it.
+ * it runs on the canonical block segments (shared by every pattern, so a
+ * sweep over many positions adds only small sessions). A pattern that makes
+ * up most of the recent write passes (a loop, a benchmark, a generation's
+ * steps) gets its own few sessions, cut only where it must: a chain of block
+ * sessions pays each run's fixed overhead once per block (about 8% on a
+ * GPT-2-small-sized model). One such pattern is kept per model, so its
+ * memory is bounded by one more copy of the weights; only a pattern that
+ * comes to dominate (three quarters of the recent write passes) replaces it,
+ * and only once it is all but unused, so a mixed workload (a server's) never
+ * trades sessions back and forth.
  */
 interface WritePatterns {
-  last: string | undefined
-  streak: number
+  readonly recent: Array<string>
   coarse: string | undefined
   keys: Set<string>
 }
+/** How many recent write passes decide which pattern dominates. */
+const recentPasses = 16
 const writePatterns = new WeakMap<Sessions.Cache, WritePatterns>()
 
 const hookKey = (ref: Graph.HookRef): string => `${ref.module}|${ref.call}|${ref.point}|${ref.index}`
@@ -1011,10 +1014,13 @@ export const start = (
           backBorders.forEach((p) => p > 0 && p < n && writeCuts.add(p))
           const pattern = `${[...writeCuts].sort((a, b) => a - b).join(",")}|${[...readTensors].sort().join(",")}`
           let state = writePatterns.get(sessions)
-          if (state === undefined) writePatterns.set(sessions, (state = { last: undefined, streak: 0, coarse: undefined, keys: new Set() }))
-          state.streak = state.last === pattern ? state.streak + 1 : 1
-          state.last = pattern
-          if (state.coarse === pattern || state.streak >= 2) {
+          if (state === undefined) writePatterns.set(sessions, (state = { recent: [], coarse: undefined, keys: new Set() }))
+          state.recent.push(pattern)
+          if (state.recent.length > recentPasses) state.recent.shift()
+          const count = state.recent.filter((p) => p === pattern).length
+          const kept = state.coarse === undefined ? 0 : state.recent.filter((p) => p === state!.coarse).length
+          // dominance: three quarters of the recent passes, and the kept pattern all but gone
+          if (state.coarse === pattern || (count >= 2 && count * 4 >= state.recent.length * 3 && kept <= 1)) {
             if (state.coarse !== pattern) {
               sessions.drop(state.keys)
               state.keys = new Set()

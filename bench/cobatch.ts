@@ -1,0 +1,155 @@
+/**
+ * Remote throughput with and without co-batching: 32 concurrent clients x 10
+ * requests each on loopback (stories260K, three kinds of intervention graph
+ * over eight prompts of the same length), against a server that runs every
+ * request on its own forward pass and one that co-batches concurrent
+ * requests. Every result is checked against a local run. The server runs in
+ * its own process (`nnsight-ts serve`), as it would for remote users; the
+ * clients share this one. Before timing, every kind of request runs once on
+ * each server, so neither pays for its first sessions in the timed part.
+ *
+ *     npx tsx bench/cobatch.ts      # prints one JSON line
+ */
+import { spawn } from "node:child_process"
+import { readFileSync } from "node:fs"
+import * as path from "node:path"
+import { fileURLToPath } from "node:url"
+import { Cause, Effect, Exit } from "effect"
+import { Backend, type Envoy, LanguageModel, type Tensor, defaultModelDir } from "../src/index.js"
+import type * as Local from "../src/backends/Local.js"
+import type * as Graph from "../src/core/Graph.js"
+import * as Remote from "../src/remote/Client.js"
+
+const root = path.join(path.dirname(fileURLToPath(import.meta.url)), "..")
+
+/** Starts `nnsight-ts serve` in a child process; resolves with its URL once it listens. */
+const serve = (coBatch: boolean) =>
+  new Promise<{ readonly url: string; readonly stop: () => void; readonly cpu: () => number }>((resolve, reject) => {
+    const child = spawn(
+      process.execPath,
+      [
+        "--import",
+        "tsx",
+        "--input-type=module",
+        "-e",
+        `const { main } = await import(${JSON.stringify(path.join(root, "src/remote/Cli.ts"))}); main(process.argv.slice(1))`,
+        "--",
+        "serve",
+        "--model",
+        `stories260K=${defaultModelDir}`,
+        "--port",
+        "0",
+        `--co-batch=${coBatch}`
+      ],
+      { cwd: root, env: { ...process.env, NNSIGHT_API_KEYS: `bench:${KEY}` }, stdio: ["ignore", "pipe", "pipe"] }
+    )
+    let out = ""
+    const stop = () => child.kill("SIGINT")
+    child.stdout.on("data", (d) => {
+      out += String(d)
+      const m = /on (http:\/\/[^\s]+)/.exec(out)
+      // the server's CPU seconds so far (Linux), to tell a busy server from a waiting one
+      const cpu = () => {
+        try {
+          const f = readFileSync(`/proc/${child.pid}/stat`, "utf8").split(") ")[1].split(" ")
+          return (Number(f[11]) + Number(f[12])) / 100
+        } catch {
+          return NaN
+        }
+      }
+      if (m) resolve({ url: m[1], stop, cpu })
+    })
+    child.stderr.on("data", (d) => (out += String(d)))
+    child.on("exit", (code) => reject(new Error(`the server exited (${code}): ${out}`)))
+  })
+
+const KEY = "bench-key"
+
+interface Case {
+  readonly graph: Graph.Graph
+  readonly feeds: Record<string, Tensor>
+  readonly rows: ReadonlyArray<Local.Rows>
+  readonly expected: Local.Outcome
+}
+
+const graphs: ReadonlyArray<(m: Envoy) => unknown> = [
+  (m) => ({ logits: m.lm_head.output.at(":", -1) }),
+  (m) => {
+    m.model.layers[2].output.update((h) => h.mul(0.5))
+    return { logits: m.lm_head.output.at(":", -1), h: m.model.layers[4].output.mean(-1) }
+  },
+  (m) => {
+    m.model.layers[0].mlp.output.set(0)
+    return { attn: m.model.layers[1].self_attn.output.softmax(-1).at(":", -1) }
+  }
+]
+
+/** The measurement: seconds for all requests on each server, and their ratio. */
+export const measure = async (options: { readonly clients?: number; readonly requests?: number } = {}) => {
+  const clients = options.clients ?? 32
+  const requests = options.requests ?? 10
+  const lm = await LanguageModel.load(defaultModelDir)
+  const cases: Array<Case> = []
+  for (let p = 0; p < 8; p++) {
+    const ids = Array.from({ length: 12 }, (_, k) => 1 + ((p * 53 + k * 29) % 500))
+    for (const fn of graphs) {
+      const { graph } = lm.record(ids, fn)
+      const { feeds, rows } = lm.batch([ids])
+      const exit = await Effect.runPromiseExit(Backend.local.execute({ runtime: lm.runtime, graph, feeds, rows }))
+      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
+      cases.push({ graph, feeds: { ...feeds }, rows, expected: exit.value })
+    }
+  }
+  const run = async (coBatch: boolean) => {
+    const server = await serve(coBatch)
+    try {
+      const backend = Remote.backend({ url: server.url, apiKey: KEY })
+      for (const c of cases) await Effect.runPromise(backend.execute({ runtime: lm.runtime, ...c }))
+      let wrong = 0
+      const cpu0 = server.cpu()
+      const t0 = performance.now()
+      await Promise.all(
+        Array.from({ length: clients }, async (_, c) => {
+          for (let r = 0; r < requests; r++) {
+            const { graph, feeds, rows, expected } = cases[(c * requests + r * 7) % cases.length]
+            const exit = await Effect.runPromiseExit(backend.execute({ runtime: lm.runtime, graph, feeds, rows }))
+            if (Exit.isFailure(exit)) {
+              wrong++
+              continue
+            }
+            for (const [id, want] of expected.values) {
+              const got = exit.value.values.get(id) as Tensor | undefined
+              if (got === undefined || !got.allClose(want as Tensor, 1e-6, 1e-6)) wrong++
+            }
+          }
+        })
+      )
+      const seconds = (performance.now() - t0) / 1000
+      const serverCpu = server.cpu() - cpu0
+      const stats = (await (await fetch(`${server.url}/v1/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json()) as Record<string, number>
+      return { seconds, wrong, stats, serverCpu }
+    } finally {
+      server.stop()
+    }
+  }
+  try {
+    const sequential = await run(false)
+    const coBatched = await run(true)
+    return {
+      clients,
+      requests,
+      sequential_s: sequential.seconds,
+      cobatched_s: coBatched.seconds,
+      throughput_x: sequential.seconds / coBatched.seconds,
+      wrong: sequential.wrong + coBatched.wrong,
+      server_cpu_s: { sequential: sequential.serverCpu, cobatched: coBatched.serverCpu },
+      forward_passes: { sequential: sequential.stats.runs, cobatched: coBatched.stats.runs, largest_batch: coBatched.stats.largestBatch }
+    }
+  } finally {
+    await lm.close()
+  }
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  console.log(JSON.stringify(await measure()))
+}
