@@ -354,6 +354,35 @@ describe("sessions: remote equals local", () => {
     expectSameValue(local.logits, got.value.values.get(id("logits")), "logits")
     expect((got.value.values.get(id("acc")) as { items: ReadonlyArray<unknown> }).items).toEqual(local.acc)
   })
+
+  it("training: variables, their gradients and SGD steps in the graph", async () => {
+    const fn = (s: Tracer.SessionContext<unknown>) => {
+      const steer = s.variable(Tensor.zeros([64]))
+      const losses = s.list()
+      s.iter([prompt, "One day, a little"], (p) =>
+        s.trace(p, (m) => {
+          m.model.layers[2].output.update((h) => h.add(steer))
+          const g = steer.grad
+          const loss = m.lm_head.output.at(0, -1).logSoftmax().at(317).neg()
+          loss.backward()
+          losses.append(loss)
+          steer.update((v) => v.sub(g.mul(0.5)))
+        })
+      )
+      return { steer, losses }
+    }
+    const local = await lm.session(fn)
+    const { graph } = lm.recordSession(fn)
+    const got = await Effect.runPromiseExit(Remote.session({ url: server.url, apiKey: ALICE })(lm.runtime, graph))
+    if (Exit.isFailure(got)) expect.fail(Cause.pretty(got.cause))
+    const fields = (graph.result as Extract<Graph.Result, { _tag: "Record" }>).fields
+    const id = (k: string) => (fields[k] as Extract<Graph.Result, { _tag: "Ref" }>).id
+    expectSameValue(local.steer, got.value.values.get(id("steer")), "steer")
+    expect(local.steer.toNumbers().some((v) => v !== 0)).toBe(true)
+    const losses = (got.value.values.get(id("losses")) as { items: ReadonlyArray<Tensor> }).items
+    expect(losses.length).toBe(2)
+    losses.forEach((l, k) => expectSameValue(local.losses[k] as Tensor, l, `loss ${k}`))
+  })
 })
 
 // ---------------------------------------------------------------------------

@@ -595,7 +595,7 @@ export class DictProxy extends TensorProxy {
  * const w = s.variable(Tensor.zeros([64]))
  * s.iter(prompts, (p) => {
  *   s.trace(p, (m, t) => {
- *     m.model.layers[1].output.at(0).update((h) => h.add(w))
+ *     m.model.layers[1].output.update((h) => h.add(w))
  *     const g = w.grad
  *     m.output.at(0).at(0, -1, 42).neg().backward()
  *     w.update((x) => x.sub(g.mul(0.1)))
