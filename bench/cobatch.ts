@@ -10,42 +10,23 @@
  *
  *     npx tsx bench/cobatch.ts      # prints one JSON line
  */
-import { spawn } from "node:child_process"
 import { readFileSync } from "node:fs"
-import * as path from "node:path"
-import { fileURLToPath } from "node:url"
-import { Cause, Effect, Exit } from "effect"
-import { Backend, type Envoy, LanguageModel, type Tensor, defaultModelDir } from "../src/index.js"
-import type * as Local from "../src/backends/Local.js"
-import type * as Graph from "../src/core/Graph.js"
+import { Effect, Exit } from "effect"
+import { LanguageModel, type Tensor, defaultModelDir } from "../src/index.js"
 import * as Remote from "../src/remote/Client.js"
+import { spawnCli } from "../test/support/cli.js"
+import { loadCases } from "../test/support/remoteLoad.js"
 
-const root = path.join(path.dirname(fileURLToPath(import.meta.url)), "..")
 
 /** Starts `nnsight-ts serve` in a child process; resolves with its URL once it listens. */
 const serve = (coBatch: boolean) =>
   new Promise<{ readonly url: string; readonly stop: () => void; readonly cpu: () => number }>((resolve, reject) => {
-    const child = spawn(
-      process.execPath,
-      [
-        "--import",
-        "tsx",
-        "--input-type=module",
-        "-e",
-        `const { main } = await import(${JSON.stringify(path.join(root, "src/remote/Cli.ts"))}); main(process.argv.slice(1))`,
-        "--",
-        "serve",
-        "--model",
-        `stories260K=${defaultModelDir}`,
-        "--port",
-        "0",
-        `--co-batch=${coBatch}`
-      ],
-      { cwd: root, env: { ...process.env, NNSIGHT_API_KEYS: `bench:${KEY}` }, stdio: ["ignore", "pipe", "pipe"] }
-    )
+    const child = spawnCli(["serve", "--model", `stories260K=${defaultModelDir}`, "--port", "0", `--co-batch=${coBatch}`], {
+      NNSIGHT_API_KEYS: `bench:${KEY}`
+    })
     let out = ""
     const stop = () => child.kill("SIGINT")
-    child.stdout.on("data", (d) => {
+    child.stdout!.on("data", (d) => {
       out += String(d)
       const m = /on (http:\/\/[^\s]+)/.exec(out)
       // the server's CPU seconds so far (Linux), to tell a busy server from a waiting one
@@ -59,47 +40,18 @@ const serve = (coBatch: boolean) =>
       }
       if (m) resolve({ url: m[1], stop, cpu })
     })
-    child.stderr.on("data", (d) => (out += String(d)))
+    child.stderr!.on("data", (d) => (out += String(d)))
     child.on("exit", (code) => reject(new Error(`the server exited (${code}): ${out}`)))
   })
 
 const KEY = "bench-key"
-
-interface Case {
-  readonly graph: Graph.Graph
-  readonly feeds: Record<string, Tensor>
-  readonly rows: ReadonlyArray<Local.Rows>
-  readonly expected: Local.Outcome
-}
-
-const graphs: ReadonlyArray<(m: Envoy) => unknown> = [
-  (m) => ({ logits: m.lm_head.output.at(":", -1) }),
-  (m) => {
-    m.model.layers[2].output.update((h) => h.mul(0.5))
-    return { logits: m.lm_head.output.at(":", -1), h: m.model.layers[4].output.mean(-1) }
-  },
-  (m) => {
-    m.model.layers[0].mlp.output.set(0)
-    return { attn: m.model.layers[1].self_attn.output.softmax(-1).at(":", -1) }
-  }
-]
 
 /** The measurement: seconds for all requests on each server, and their ratio. */
 export const measure = async (options: { readonly clients?: number; readonly requests?: number } = {}) => {
   const clients = options.clients ?? 32
   const requests = options.requests ?? 10
   const lm = await LanguageModel.load(defaultModelDir)
-  const cases: Array<Case> = []
-  for (let p = 0; p < 8; p++) {
-    const ids = Array.from({ length: 12 }, (_, k) => 1 + ((p * 53 + k * 29) % 500))
-    for (const fn of graphs) {
-      const { graph } = lm.record(ids, fn)
-      const { feeds, rows } = lm.batch([ids])
-      const exit = await Effect.runPromiseExit(Backend.local.execute({ runtime: lm.runtime, graph, feeds, rows }))
-      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
-      cases.push({ graph, feeds: { ...feeds }, rows, expected: exit.value })
-    }
-  }
+  const cases = await loadCases(lm)
   const run = async (coBatch: boolean) => {
     const server = await serve(coBatch)
     try {

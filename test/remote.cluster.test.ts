@@ -15,11 +15,10 @@
  * postgres://postgres@127.0.0.1:5432 with trust auth): without it the
  * tests fail, they are not skipped.
  */
-import { type ChildProcess, spawn } from "node:child_process"
+import type { ChildProcess } from "node:child_process"
 import { randomBytes } from "node:crypto"
 import { createServer } from "node:net"
 import * as path from "node:path"
-import { fileURLToPath } from "node:url"
 import { PgClient } from "@effect/sql-pg"
 import { Effect, ManagedRuntime, Redacted } from "effect"
 import { SqlClient } from "effect/sql"
@@ -29,8 +28,8 @@ import * as Remote from "../src/remote/Client.js"
 import * as Cluster from "../src/remote/Cluster.js"
 import * as Protocol from "../src/remote/Protocol.js"
 import type * as Server from "../src/remote/Server.js"
+import { root, spawnCli } from "./support/cli.js"
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
 const base = (process.env.NNSIGHT_TEST_PG ?? "postgres://postgres@127.0.0.1:5432").replace(/\/+$/, "")
 const dbName = `nnsight_test_${randomBytes(6).toString("hex")}`
 const database = `${base}/${dbName}`
@@ -74,16 +73,8 @@ const until = async (what: string, ok: () => Promise<boolean>, timeoutMs: number
 /** A runner process: the command line from source (`serve --database --role runner`). */
 const spawnRunner = (port: number) => {
   const name = `127.0.0.1:${port}`
-  const code = `const { main } = await import(${JSON.stringify(path.join(root, "src/remote/Cli.ts"))}); main(process.argv.slice(1))`
-  const child = spawn(
-    process.execPath,
+  const child = spawnCli(
     [
-      "--import",
-      "tsx",
-      "--input-type=module",
-      "-e",
-      code,
-      "--",
       "serve",
       "--database",
       database,
@@ -96,7 +87,7 @@ const spawnRunner = (port: number) => {
       "--lease-seconds",
       String(LEASE_SECONDS)
     ],
-    { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NNSIGHT_DATABASE_URL: "" } }
+    { NNSIGHT_DATABASE_URL: "" }
   )
   const entry = { name, child, log: "" }
   child.stdout!.on("data", (d) => (entry.log += String(d)))

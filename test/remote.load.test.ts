@@ -8,11 +8,10 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { Cause, Effect, Exit } from "effect"
-import { Backend, type Envoy, LanguageModel, type Tensor } from "../src/index.js"
-import type * as Local from "../src/backends/Local.js"
-import type * as Graph from "../src/core/Graph.js"
+import { LanguageModel, type Tensor } from "../src/index.js"
 import * as Remote from "../src/remote/Client.js"
 import * as Server from "../src/remote/Server.js"
+import { type Case, loadCases } from "./support/remoteLoad.js"
 
 const KEY = "load-test-key"
 const CLIENTS = 32
@@ -23,39 +22,12 @@ let serverLm: LanguageModel
 let sequential: Server.Running
 let coBatched: Server.Running
 
-interface Case {
-  readonly graph: Graph.Graph
-  readonly feeds: Record<string, Tensor>
-  readonly rows: ReadonlyArray<Local.Rows>
-  readonly expected: Local.Outcome
-}
-const cases: Array<Case> = []
-
-const graphs: ReadonlyArray<(m: Envoy) => unknown> = [
-  (m) => ({ logits: m.lm_head.output.at(":", -1) }),
-  (m) => {
-    m.model.layers[2].output.update((h) => h.mul(0.5))
-    return { logits: m.lm_head.output.at(":", -1), h: m.model.layers[4].output.mean(-1) }
-  },
-  (m) => {
-    m.model.layers[0].mlp.output.set(0)
-    return { attn: m.model.layers[1].self_attn.output.softmax(-1).at(":", -1) }
-  }
-]
+let cases: Array<Case> = []
 
 beforeAll(async () => {
   lm = await LanguageModel.load("models/stories260K")
   serverLm = await LanguageModel.load("models/stories260K")
-  for (let p = 0; p < 8; p++) {
-    const ids = Array.from({ length: 12 }, (_, k) => 1 + ((p * 53 + k * 29) % 500))
-    for (const fn of graphs) {
-      const { graph } = lm.record(ids, fn)
-      const { feeds, rows } = lm.batch([ids])
-      const exit = await Effect.runPromiseExit(Backend.local.execute({ runtime: lm.runtime, graph, feeds, rows }))
-      if (Exit.isFailure(exit)) throw new Error(Cause.pretty(exit.cause))
-      cases.push({ graph, feeds: { ...feeds }, rows, expected: exit.value })
-    }
-  }
+  cases = await loadCases(lm)
   const models = [{ key: "stories260K", model: serverLm }]
   const keys = [{ id: "load", key: KEY }]
   sequential = await Server.start({ models, keys, port: 0, coBatch: false })

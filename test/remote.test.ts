@@ -333,6 +333,15 @@ describe("generation: remote equals local", () => {
   })
 })
 
+/** Runs a session remotely; gives its returned values by field name. */
+const remoteSession = async (fn: (s: Tracer.SessionContext<unknown>) => unknown) => {
+  const { graph } = lm.recordSession(fn)
+  const got = await Effect.runPromiseExit(Remote.session({ url: server.url, apiKey: ALICE })(lm.runtime, graph))
+  if (Exit.isFailure(got)) expect.fail(Cause.pretty(got.cause))
+  const fields = (graph.result as Extract<Graph.Result, { _tag: "Record" }>).fields
+  return (k: string) => got.value.values.get((fields[k] as Extract<Graph.Result, { _tag: "Ref" }>).id)
+}
+
 describe("sessions: remote equals local", () => {
   it("two traces, a loop and a condition over graph values", async () => {
     const fn = (s: Tracer.SessionContext<unknown>) => {
@@ -346,13 +355,9 @@ describe("sessions: remote equals local", () => {
       return { logits, acc }
     }
     const local = await lm.session(fn)
-    const { graph } = lm.recordSession(fn)
-    const got = await Effect.runPromiseExit(Remote.session({ url: server.url, apiKey: ALICE })(lm.runtime, graph))
-    if (Exit.isFailure(got)) expect.fail(Cause.pretty(got.cause))
-    const fields = (graph.result as Extract<Graph.Result, { _tag: "Record" }>).fields
-    const id = (k: string) => (fields[k] as Extract<Graph.Result, { _tag: "Ref" }>).id
-    expectSameValue(local.logits, got.value.values.get(id("logits")), "logits")
-    expect((got.value.values.get(id("acc")) as { items: ReadonlyArray<unknown> }).items).toEqual(local.acc)
+    const remote = await remoteSession(fn)
+    expectSameValue(local.logits, remote("logits"), "logits")
+    expect((remote("acc") as { items: ReadonlyArray<unknown> }).items).toEqual(local.acc)
   })
 
   it("training: variables, their gradients and SGD steps in the graph", async () => {
@@ -372,14 +377,10 @@ describe("sessions: remote equals local", () => {
       return { steer, losses }
     }
     const local = await lm.session(fn)
-    const { graph } = lm.recordSession(fn)
-    const got = await Effect.runPromiseExit(Remote.session({ url: server.url, apiKey: ALICE })(lm.runtime, graph))
-    if (Exit.isFailure(got)) expect.fail(Cause.pretty(got.cause))
-    const fields = (graph.result as Extract<Graph.Result, { _tag: "Record" }>).fields
-    const id = (k: string) => (fields[k] as Extract<Graph.Result, { _tag: "Ref" }>).id
-    expectSameValue(local.steer, got.value.values.get(id("steer")), "steer")
+    const remote = await remoteSession(fn)
+    expectSameValue(local.steer, remote("steer"), "steer")
     expect(local.steer.toNumbers().some((v) => v !== 0)).toBe(true)
-    const losses = (got.value.values.get(id("losses")) as { items: ReadonlyArray<Tensor> }).items
+    const losses = (remote("losses") as { items: ReadonlyArray<Tensor> }).items
     expect(losses.length).toBe(2)
     losses.forEach((l, k) => expectSameValue(local.losses[k] as Tensor, l, `loss ${k}`))
   })

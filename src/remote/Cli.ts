@@ -129,6 +129,19 @@ interface ServeFlags {
   readonly maxAttempts: number
 }
 
+/** The HTTP front's options the flags set (default per-key limits included). */
+const httpOptionsOf = (flags: ServeFlags) => ({
+  limits: {
+    ...(Option.isSome(flags.concurrentJobs) ? { concurrentJobs: flags.concurrentJobs.value } : {}),
+    ...(Option.isSome(flags.wallTimeS) ? { wallTimeMs: flags.wallTimeS.value * 1000 } : {})
+  } satisfies Partial<Protocol.Limits>,
+  port: flags.port,
+  host: flags.host,
+  coBatch: flags.coBatch,
+  maxBodyBytes: flags.maxBodyMb * 1024 * 1024,
+  logRequests: flags.logRequests
+})
+
 /** `serve --database`: a front, a runner, or both, on the cluster. */
 const serveCluster = (flags: ServeFlags, database: string) =>
   Effect.gen(function*() {
@@ -158,23 +171,7 @@ const serveCluster = (flags: ServeFlags, database: string) =>
       yield* Console.log(`no API keys configured (--keys or NNSIGHT_API_KEYS): this run accepts the key\n  ${key}`)
     }
     const loaded = yield* loadModels(flags.models)
-    const limits: Partial<Protocol.Limits> = {
-      ...(Option.isSome(flags.concurrentJobs) ? { concurrentJobs: flags.concurrentJobs.value } : {}),
-      ...(Option.isSome(flags.wallTimeS) ? { wallTimeMs: flags.wallTimeS.value * 1000 } : {})
-    }
-    const context = yield* Layer.build(
-      Cluster.layer({
-        ...cluster,
-        models: loaded,
-        keys,
-        limits,
-        port: flags.port,
-        host: flags.host,
-        coBatch: flags.coBatch,
-        maxBodyBytes: flags.maxBodyMb * 1024 * 1024,
-        logRequests: flags.logRequests
-      })
-    )
+    const context = yield* Layer.build(Cluster.layer({ ...cluster, ...httpOptionsOf(flags), models: loaded, keys }))
     const httpAddress = Context.get(context, HttpServer.HttpServer).address
     const port = httpAddress._tag === "UnixPathAddress" ? 0 : httpAddress.port
     const runs = flags.role === "both" ? `, runner ${Cluster.runnerName(cluster)}` : ""
@@ -239,22 +236,7 @@ const serve = Command.make(
         }),
         (ms) => Effect.promise(() => Promise.all(ms.map((m) => m.model.close())).then(() => undefined))
       )
-      const limits: Partial<Protocol.Limits> = {
-        ...(Option.isSome(flags.concurrentJobs) ? { concurrentJobs: flags.concurrentJobs.value } : {}),
-        ...(Option.isSome(flags.wallTimeS) ? { wallTimeMs: flags.wallTimeS.value * 1000 } : {})
-      }
-      const context = yield* Layer.build(
-        Server.layer({
-          models: loaded,
-          keys,
-          limits,
-          port: flags.port,
-          host: flags.host,
-          coBatch: flags.coBatch,
-          maxBodyBytes: flags.maxBodyMb * 1024 * 1024,
-          logRequests: flags.logRequests
-        })
-      )
+      const context = yield* Layer.build(Server.layer({ ...httpOptionsOf(flags), models: loaded, keys }))
       const address = Context.get(context, HttpServer.HttpServer).address
       const port = address._tag === "UnixPathAddress" ? 0 : address.port
       yield* Console.log(`nnsight-ts serving ${loaded.map((m) => m.key).join(", ")} on http://${flags.host}:${port} (co-batching ${flags.coBatch ? "on" : "off"})`)

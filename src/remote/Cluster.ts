@@ -577,7 +577,6 @@ export interface RunnerWorkerOptions {
   readonly coBatch?: Server.CoBatchOptions
 }
 
-const batchOf = (rows: Server.JobSpec["rows"]) => rows.reduce((a, r) => a + r.count, 0)
 
 /**
  * A runner's workers (needs the hosted models and PostgreSQL).
@@ -610,23 +609,7 @@ export const layerRunnerWorkers = (options: RunnerWorkerOptions) =>
       )
       yield* Effect.forkScoped(Effect.forever(Effect.andThen(Effect.sleep(50), flush)))
 
-      const take = (pending: Array<Entry>): Array<Entry> => {
-        const head = pending.shift()!
-        const group = [head]
-        const key = head.spec.coBatchKey
-        if (!coBatch.enabled || key === undefined) return group
-        let rows = batchOf(head.spec.rows)
-        for (let k = 0; k < pending.length && group.length < maxJobs;) {
-          const j = pending[k]
-          const r = batchOf(j.spec.rows)
-          if (j.spec.coBatchKey === key && rows + r <= maxRows) {
-            group.push(j)
-            rows += r
-            pending.splice(k, 1)
-          } else k++
-        }
-        return group
-      }
+      const take = (pending: Array<Entry>): Array<Entry> => Server.takeGroup(pending, { enabled: coBatch.enabled, maxJobs, maxRows })
 
       const runGroup = (hosted: Server.Hosted, group: ReadonlyArray<Entry>) =>
         Effect.gen(function*() {

@@ -382,6 +382,37 @@ export interface RunHooks {
 
 const batchOf = (rows: ReadonlyArray<Local.Rows>) => rows.reduce((a, r) => a + r.count, 0)
 
+/**
+ * The next group of a worker's queue, taken out of `pending`: the head job,
+ * and queued jobs that can share its forward pass (the same co-batch key,
+ * at most `maxJobs` jobs and `maxRows` rows in all).
+ *
+ * @example
+ * const group = Server.takeGroup(pending, { enabled: true, maxJobs: 16, maxRows: 16 })
+ *
+ * @since 0.1.0
+ */
+export const takeGroup = <J extends { readonly spec: JobSpec }>(
+  pending: Array<J>,
+  options: { readonly enabled: boolean; readonly maxJobs: number; readonly maxRows: number }
+): Array<J> => {
+  const head = pending.shift()!
+  const group = [head]
+  const key = head.spec.coBatchKey
+  if (!options.enabled || key === undefined) return group
+  let rows = batchOf(head.spec.rows)
+  for (let k = 0; k < pending.length && group.length < options.maxJobs;) {
+    const j = pending[k]
+    const r = batchOf(j.spec.rows)
+    if (j.spec.coBatchKey === key && rows + r <= options.maxRows) {
+      group.push(j)
+      rows += r
+      pending.splice(k, 1)
+    } else k++
+  }
+  return group
+}
+
 const allNodes = (graph: Graph.Graph) => Graph.flatten(graph.nodes)
 
 const formatLog = (args: ReadonlyArray<unknown>): string =>
@@ -724,24 +755,7 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
           })
         }
 
-        /** The next group: the head job, and queued jobs that can share its pass. */
-        const take = (pending: Array<JobRecord>): Array<JobRecord> => {
-          const head = pending.shift()!
-          const group = [head]
-          const key = head.spec.coBatchKey
-          if (!coBatch.enabled || key === undefined) return group
-          let rows = batchOf(head.spec.rows)
-          for (let k = 0; k < pending.length && group.length < maxJobs; ) {
-            const j = pending[k]
-            const r = batchOf(j.spec.rows)
-            if (j.spec.coBatchKey === key && rows + r <= maxRows) {
-              group.push(j)
-              rows += r
-              pending.splice(k, 1)
-            } else k++
-          }
-          return group
-        }
+        const take = (pending: Array<JobRecord>): Array<JobRecord> => takeGroup(pending, { enabled: coBatch.enabled, maxJobs, maxRows })
 
         const worker = (hosted: Hosted, q: { readonly pending: Array<JobRecord>; readonly latch: Latch.Latch }) =>
           Effect.gen(function*() {
