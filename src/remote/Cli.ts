@@ -129,6 +129,22 @@ interface ServeFlags {
   readonly maxAttempts: number
 }
 
+/** The API keys: the environment's and the key file's, or a fresh one printed for this run. */
+const keysOf = (flags: ServeFlags) =>
+  Effect.gen(function*() {
+    const keys: Array<Server.KeyEntry | Server.PlainKey> = [...Server.keysFromEnv()]
+    if (Option.isSome(flags.keys)) {
+      const file = flags.keys.value
+      keys.push(...(yield* Effect.promise(() => readKeyFile(file))))
+    }
+    if (keys.length === 0) {
+      const key = Server.generateKey()
+      keys.push({ id: "dev", key })
+      yield* Console.log(`no API keys configured (--keys or NNSIGHT_API_KEYS): this run accepts the key\n  ${key}`)
+    }
+    return keys
+  })
+
 /** The HTTP front's options the flags set (default per-key limits included). */
 const httpOptionsOf = (flags: ServeFlags) => ({
   limits: {
@@ -160,16 +176,7 @@ const serveCluster = (flags: ServeFlags, database: string) =>
       yield* Console.log(`nnsight-ts runner ${Cluster.runnerName(cluster)} hosting ${loaded.map((m) => m.key).join(", ")} (jobs in ${where})`)
       return yield* Effect.never
     }
-    const keys: Array<Server.KeyEntry | Server.PlainKey> = [...Server.keysFromEnv()]
-    if (Option.isSome(flags.keys)) {
-      const file = flags.keys.value
-      keys.push(...(yield* Effect.promise(() => readKeyFile(file))))
-    }
-    if (keys.length === 0) {
-      const key = Server.generateKey()
-      keys.push({ id: "dev", key })
-      yield* Console.log(`no API keys configured (--keys or NNSIGHT_API_KEYS): this run accepts the key\n  ${key}`)
-    }
+    const keys = yield* keysOf(flags)
     const loaded = yield* loadModels(flags.models)
     const context = yield* Layer.build(Cluster.layer({ ...cluster, ...httpOptionsOf(flags), models: loaded, keys }))
     const httpAddress = Context.get(context, HttpServer.HttpServer).address
@@ -217,16 +224,7 @@ const serve = Command.make(
   (flags) =>
     Effect.gen(function*() {
       if (Option.isSome(flags.database) && flags.database.value.trim() !== "") return yield* serveCluster(flags, flags.database.value)
-      const keys: Array<Server.KeyEntry | Server.PlainKey> = [...Server.keysFromEnv()]
-      if (Option.isSome(flags.keys)) {
-        const file = flags.keys.value
-        keys.push(...(yield* Effect.promise(() => readKeyFile(file))))
-      }
-      if (keys.length === 0) {
-        const key = Server.generateKey()
-        keys.push({ id: "dev", key })
-        yield* Console.log(`no API keys configured (--keys or NNSIGHT_API_KEYS): this run accepts the key\n  ${key}`)
-      }
+      const keys = yield* keysOf(flags)
       const specs = flags.models.map(parseModel)
       const loaded = yield* Effect.acquireRelease(
         Effect.promise(async () => {
