@@ -46,21 +46,26 @@ const shapesOf = new WeakMap<Loaded.Loaded, Readonly<Record<string, ReadonlyArra
 const isFloat = (loaded: Loaded.Loaded, name: string) => Autodiff.isDifferentiable(loaded.index.types.get(name))
 
 /**
+ * The border right after the node that makes `tensor` (0 for a model input).
+ *
+ * @example
+ * Backprop.cutAfter(loaded, "/model/layers.1/Add_1_output_0")
+ *
+ * @since 0.1.0
+ */
+export const cutAfter = (loaded: Loaded.Loaded, tensor: string): number => {
+  const p = loaded.index.producer.get(tensor)
+  return p === undefined ? 0 : loaded.index.position[p] + 1
+}
+
+/**
  * The node-range borders of a backward chain: right after the producer of
  * every tensor whose gradient is read or set.
  *
  * @since 0.1.0
  */
-export const cuts = (loaded: Loaded.Loaded, tensors: Iterable<string>): ReadonlyArray<number> => {
-  const idx = loaded.index
-  const n = loaded.tree.order.length
-  const out = new Set<number>([0, n])
-  for (const t of tensors) {
-    const p = idx.producer.get(t)
-    if (p !== undefined) out.add(idx.position[p] + 1)
-  }
-  return [...out].sort((a, b) => a - b)
-}
+export const cuts = (loaded: Loaded.Loaded, tensors: Iterable<string>): ReadonlyArray<number> =>
+  [...new Set([0, loaded.tree.order.length, ...[...tensors].map((t) => cutAfter(loaded, t))])].sort((a, b) => a - b)
 
 /**
  * The backward model of the segment `[start, end)` given the segment outputs

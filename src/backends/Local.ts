@@ -155,6 +155,27 @@ interface WritePatterns {
 const recentPasses = 16
 const writePatterns = new WeakMap<Sessions.Cache, WritePatterns>()
 
+/**
+ * Records a write pass of `pattern`; whether it runs on its own sessions
+ * (`own` collects their keys). A pattern that takes over releases the
+ * previous one's sessions.
+ */
+const ownSessions = (sessions: Sessions.Cache, pattern: string): WritePatterns | undefined => {
+  let state = writePatterns.get(sessions)
+  if (state === undefined) writePatterns.set(sessions, (state = { recent: [], coarse: undefined, keys: new Set() }))
+  state.recent.push(pattern)
+  if (state.recent.length > recentPasses) state.recent.shift()
+  if (state.coarse === pattern) return state
+  const count = state.recent.filter((p) => p === pattern).length
+  const kept = state.recent.filter((p) => p === state.coarse).length
+  // dominance: three quarters of the recent passes, and the kept pattern all but gone
+  if (count < 2 || count * 4 < state.recent.length * 3 || kept > 1) return undefined
+  sessions.drop(state.keys)
+  state.keys = new Set()
+  state.coarse = pattern
+  return state
+}
+
 const hookKey = (ref: Graph.HookRef): string => `${ref.module}|${ref.call}|${ref.point}|${ref.index}`
 
 const wrapOrt = (t: ort.Tensor): Tensor => {
@@ -307,6 +328,8 @@ export const start = (
     // nested bodies (conditions) are flattened; a node runs once its guard decided for its branch
     const nodes = Graph.flatten(graph.nodes)
     const byId = new Map(nodes.map((nd) => [nd.id, nd]))
+    // an early stop or an ad-hoc module call needs the canonical cuts
+    const stopsOrApplies = nodes.some((nd) => nd._tag === "Stop" || nd._tag === "Apply")
     const guard = new Map<number, { readonly cond: number; readonly branch: boolean }>()
     for (const nd of nodes) {
       if (nd._tag === "Cond") {
@@ -444,16 +467,16 @@ export const start = (
     if (targets.size > 0) {
       const readers = new Map<number, Array<number>>()
       const lastAssign = new Map<number, number>()
-      const wait = (id: number, on: number) => after.set(id, [...(after.get(id) ?? []), on])
+      const push = <K>(m: Map<K, Array<number>>, k: K, v: number) => (m.get(k) ?? m.set(k, []).get(k)!).push(v)
       for (const nd of nodes) {
         for (const d of Graph.dependencies(nd)) {
           if (!targets.has(d)) continue
           const a = lastAssign.get(d)
-          if (a !== undefined && a !== nd.id) wait(nd.id, a)
-          if (nd._tag !== "Assign" || nd.target !== d) readers.set(d, [...(readers.get(d) ?? []), nd.id])
+          if (a !== undefined && a !== nd.id) push(after, nd.id, a)
+          if (nd._tag !== "Assign" || nd.target !== d) push(readers, d, nd.id)
         }
         if (nd._tag === "Assign") {
-          for (const r of readers.get(nd.target) ?? []) if (r !== nd.id) wait(nd.id, r)
+          for (const r of readers.get(nd.target) ?? []) if (r !== nd.id) push(after, nd.id, r)
           readers.set(nd.target, [])
           lastAssign.set(nd.target, nd.id)
           resultIds.add(nd.target)
@@ -717,7 +740,7 @@ export const start = (
       })
 
     const zerosLike = (t: Tensor): Tensor => new Tensor(t.dtype, t.shape, DType.arrayFor(t.dtype, t.size) as DType.ArrayOf[DType.DType])
-    const addInto = (acc: Map<string, Tensor>, name: string, g: Tensor) => {
+    const addInto = <K>(acc: Map<K, Tensor>, name: K, g: Tensor) => {
       const prev = acc.get(name)
       if (prev === undefined) {
         acc.set(name, g)
@@ -736,7 +759,7 @@ export const start = (
         const bound = nodes.filter((nd) => boundTo.get(nd.id) === node.id).sort((a, b) => a.id - b.id)
         const gradAcc = new Map<string, Tensor>()
         const paramAcc = new Map<string, Tensor>()
-        const valueAcc = new Map<string, Tensor>()
+        const valueAcc = new Map<number, Tensor>()
         const valueOf = (id: number) => {
           const v = values.get(id)
           return v instanceof Tensor || typeof v === "number" || typeof v === "boolean" ? v : undefined
@@ -746,7 +769,7 @@ export const start = (
         const distribute = (grads: ReadonlyMap<number, Tensor>) => {
           for (const [id, g] of grads) {
             if (valueGradIds.has(id)) {
-              addInto(valueAcc, String(id), g)
+              addInto(valueAcc, id, g)
               continue
             }
             const hook = byId.get(id)
@@ -771,8 +794,7 @@ export const start = (
           Effect.gen(function*() {
             for (const set of backSets) {
               const site = hookSites.get(hookKey(set.ref))!
-              const p = idx.producer.get(site.tensor)
-              if ((p === undefined ? 0 : idx.position[p] + 1) !== border) continue
+              if (Backprop.cutAfter(loaded, site.tensor) !== border) continue
               const g = gradAcc.get(site.tensor)
               const value = values.get(set.value)
               if (g === undefined || !(value instanceof Tensor || typeof value === "number" || typeof value === "boolean")) continue
@@ -793,9 +815,7 @@ export const start = (
             for (const nd of bound) {
               const target = gradTarget.get(nd.id)!
               if (target.tensor === undefined) continue
-              const p = idx.producer.get(target.tensor)
-              const cut = p === undefined ? 0 : idx.position[p] + 1
-              if (cut !== border) continue
+              if (Backprop.cutAfter(loaded, target.tensor) !== border) continue
               const whole = forwardTensor(target.tensor)
               const current = gradAcc.get(target.tensor) ?? (whole ? zerosLike(whole) : undefined)
               if (current === undefined) continue
@@ -850,7 +870,7 @@ export const start = (
           const target = gradTarget.get(nd.id)!
           if (target.value === undefined || nd._tag !== "Grad") continue
           const v = values.get(target.value)
-          const g = valueAcc.get(String(target.value))
+          const g = valueAcc.get(target.value)
           values.set(nd.id, g ?? (v instanceof Tensor ? zerosLike(v) : 0))
         }
         for (const nd of bound) {
@@ -1005,28 +1025,15 @@ export const start = (
         const whole =
           !writes &&
           backForward.size === 0 &&
-          !nodes.some((nd) => nd._tag === "Stop" || nd._tag === "Apply") &&
+          !stopsOrApplies &&
           [...readTensors].every((t) => borderTensors(loaded).has(t))
-        // a write pattern that repeats runs cut only where it writes (see WritePatterns)
-        let coarse = false
-        if ((writes || backForward.size > 0) && !nodes.some((nd) => nd._tag === "Stop" || nd._tag === "Apply")) {
+        // a write pattern that dominates runs cut only where it writes (see WritePatterns)
+        let own: WritePatterns | undefined
+        if ((writes || backForward.size > 0) && !stopsOrApplies) {
           // a pass for backward also cuts where the backward chain does
           backBorders.forEach((p) => p > 0 && p < n && writeCuts.add(p))
-          const pattern = `${[...writeCuts].sort((a, b) => a - b).join(",")}|${[...readTensors].sort().join(",")}`
-          let state = writePatterns.get(sessions)
-          if (state === undefined) writePatterns.set(sessions, (state = { recent: [], coarse: undefined, keys: new Set() }))
-          state.recent.push(pattern)
-          if (state.recent.length > recentPasses) state.recent.shift()
-          const count = state.recent.filter((p) => p === pattern).length
-          const kept = state.coarse === undefined ? 0 : state.recent.filter((p) => p === state!.coarse).length
-          // dominance: three quarters of the recent passes, and the kept pattern all but gone
-          if (state.coarse === pattern || (count >= 2 && count * 4 >= state.recent.length * 3 && kept <= 1)) {
-            if (state.coarse !== pattern) {
-              sessions.drop(state.keys)
-              state.keys = new Set()
-              state.coarse = pattern
-            }
-            coarse = true
+          own = ownSessions(sessions, `${[...writeCuts].sort((a, b) => a - b).join(",")}|${[...readTensors].sort().join(",")}`)
+          if (own !== undefined) {
             cuts.clear()
             writeCuts.forEach((p) => cuts.add(p))
           }
@@ -1076,8 +1083,7 @@ export const start = (
           const { seg, key } = plan(loaded, segStart, segEnd, extra)
           // canonical segments and the whole model stay; a coarse pattern's own ranges go with it
           const at = loaded.canonicalCuts.indexOf(segStart)
-          const own = coarse && !(at >= 0 && loaded.canonicalCuts[at + 1] === segEnd) && !(segStart === 0 && segEnd === n)
-          if (own) writePatterns.get(sessions)!.keys.add(key)
+          if (own !== undefined && !(at >= 0 && loaded.canonicalCuts[at + 1] === segEnd) && !(segStart === 0 && segEnd === n)) own.keys.add(key)
           const segFeeds: Record<string, ort.Tensor> = {}
           for (const name of seg.inputs) {
             let t = env.get(name)

@@ -592,7 +592,7 @@ export const layerRunnerWorkers = (options: RunnerWorkerOptions) =>
       const coBatch = options.coBatch ?? { enabled: true }
       const maxRows = coBatch.maxRows ?? 16
       const maxJobs = coBatch.maxJobs ?? 16
-      const queues = new Map<string, { readonly pending: Array<Entry>; readonly latch: Latch.Latch }>()
+      const queues = new Map<string, Server.WorkQueue<Entry>>()
 
       // log lines and tokens are written in batches
       const buffer: Array<{ job: string; event: unknown }> = []
@@ -609,7 +609,6 @@ export const layerRunnerWorkers = (options: RunnerWorkerOptions) =>
       )
       yield* Effect.forkScoped(Effect.forever(Effect.andThen(Effect.sleep(50), flush)))
 
-      const take = (pending: Array<Entry>): Array<Entry> => Server.takeGroup(pending, { enabled: coBatch.enabled, maxJobs, maxRows })
 
       const runGroup = (hosted: Server.Hosted, group: ReadonlyArray<Entry>) =>
         Effect.gen(function*() {
@@ -632,15 +631,10 @@ export const layerRunnerWorkers = (options: RunnerWorkerOptions) =>
           }
         })
 
-      const worker = (hosted: Server.Hosted, q: { readonly pending: Array<Entry>; readonly latch: Latch.Latch }) =>
+      const worker = (hosted: Server.Hosted, q: Server.WorkQueue<Entry>) =>
         Effect.gen(function*() {
           while (true) {
-            if (q.pending.length === 0) {
-              q.latch.closeUnsafe()
-              yield* q.latch.await
-              continue
-            }
-            const group = take(q.pending)
+            const group = yield* Server.nextGroup(q, { enabled: coBatch.enabled, maxJobs, maxRows })
             const exit = yield* Effect.exit(runGroup(hosted, group))
             // the database failed: the handlers fail, and the cluster delivers the jobs again
             if (Exit.isFailure(exit)) {

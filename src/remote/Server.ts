@@ -413,6 +413,36 @@ export const takeGroup = <J extends { readonly spec: JobSpec }>(
   return group
 }
 
+/**
+ * A model worker's queue: the jobs waiting, and a latch opened when one arrives.
+ *
+ * @since 0.1.0
+ */
+export interface WorkQueue<J> {
+  readonly pending: Array<J>
+  readonly latch: Latch.Latch
+}
+
+/**
+ * Waits until a job is queued, then takes the next group ({@link takeGroup}).
+ *
+ * @example
+ * const group = yield* Server.nextGroup(queue, { enabled: true, maxJobs: 16, maxRows: 16 })
+ *
+ * @since 0.1.0
+ */
+export const nextGroup = <J extends { readonly spec: JobSpec }>(
+  q: WorkQueue<J>,
+  options: { readonly enabled: boolean; readonly maxJobs: number; readonly maxRows: number }
+): Effect.Effect<Array<J>> =>
+  Effect.gen(function*() {
+    while (q.pending.length === 0) {
+      q.latch.closeUnsafe()
+      yield* q.latch.await
+    }
+    return takeGroup(q.pending, options)
+  })
+
 const allNodes = (graph: Graph.Graph) => Graph.flatten(graph.nodes)
 
 const formatLog = (args: ReadonlyArray<unknown>): string =>
@@ -670,7 +700,7 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
         const maxRetained = options.maxRetainedJobs ?? 1024
         const jobs = new Map<string, JobRecord>()
         const active = new Map<string, number>()
-        const queues = new Map<string, { readonly pending: Array<JobRecord>; readonly latch: Latch.Latch }>()
+        const queues = new Map<string, WorkQueue<JobRecord>>()
         const stats = {
           submitted: 0,
           completed: 0,
@@ -755,17 +785,10 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
           })
         }
 
-        const take = (pending: Array<JobRecord>): Array<JobRecord> => takeGroup(pending, { enabled: coBatch.enabled, maxJobs, maxRows })
-
-        const worker = (hosted: Hosted, q: { readonly pending: Array<JobRecord>; readonly latch: Latch.Latch }) =>
+        const worker = (hosted: Hosted, q: WorkQueue<JobRecord>) =>
           Effect.gen(function*() {
             while (true) {
-              if (q.pending.length === 0) {
-                q.latch.closeUnsafe()
-                yield* q.latch.await
-                continue
-              }
-              const group = take(q.pending)
+              const group = yield* nextGroup(q, { enabled: coBatch.enabled, maxJobs, maxRows })
               const now = Date.now()
               for (const j of group) {
                 j.state = "running"
