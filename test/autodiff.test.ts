@@ -1039,7 +1039,8 @@ describe("intervention operations lower to ONNX and differentiate", () => {
     expect(worst, where).toBeLessThanOrEqual(1)
   })
 
-  test.prop([fc.integer()], { numRuns: Math.round(25 * scale) })("random chains of intervention ops agree with finite differences", async (seed) => {
+  // 2070501698: an empty selection meets a MatMul (k = 0), once folded with an ambiguous Reshape [-1, 0]
+  test.prop([fc.integer()], { numRuns: Math.round(25 * scale), examples: [[2070501698]] })("random chains of intervention ops agree with finite differences", async (seed) => {
     const { steps, inputs, out } = chainSpec(new Rng(seed))
     const model = Autodiff.lowerIntervention(
       steps,

@@ -1143,8 +1143,9 @@ const matmulRule: GradRule = (c) => {
     if (c.needs[1]) {
       if (rb === 2 && ra > 2) {
         // Linear layer: fold the batch axes into one, one Gemm gives [k, n].
-        const a2 = c.op("Reshape", [A, c.op("Concat", [c.ints([-1]), c.dim(A, -1)], { axis: 0n })])
-        const g2 = c.op("Reshape", [g, c.op("Concat", [c.ints([-1]), c.dim(c.y(0), -1)], { axis: 0n })])
+        // Flatten, not Reshape to [-1, k]: -1 is ambiguous when k is 0.
+        const a2 = c.op("Flatten", [A], { axis: BigInt(ra - 1) })
+        const g2 = c.op("Flatten", [g], { axis: BigInt(ra - 1) })
         gB = c.op("Gemm", [a2, g2], { transA: 1n })
       } else {
         const t = c.op("MatMul", [swapLast(c, A, ra), g])
@@ -1347,7 +1348,9 @@ const gatherRule: GradRule = (c) => {
     const rest = c.op("Slice", [shapeD, c.ints([1]), c.ints([BIG])])
     const k = c.reduce("ReduceProd", rest, undefined, true) // [1]
     const idxF = c.op("Reshape", [ii, c.ints([-1, 1])])
-    const gF = c.op("Reshape", [gT, c.op("Concat", [c.ints([-1]), k], { axis: 0n })])
+    // the row count spelled out: a -1 beside k = 0 would be ambiguous
+    const rows = c.reduce("ReduceProd", c.shape(ii), undefined, true)
+    const gF = c.op("Reshape", [gT, c.op("Concat", [rows, k], { axis: 0n })])
     const range = c.op("Range", [c.int(0), c.op("Squeeze", [n, c.ints([0])]), c.int(1)])
     const oneHot = c.op("Cast", [c.op("Equal", [idxF, range])], { to: BigInt(c.elemType(g)) })
     out = c.reshapeTo(c.op("Gemm", [oneHot, gF], { transA: 1n }), shapeD)
