@@ -183,10 +183,12 @@ const wrapOrt = (t: ort.Tensor): Tensor => {
   return new Tensor(t.type as DType.DType, [...t.dims], t.data as DType.TypedData)
 }
 
+// `at.site` is read only for an error: formatting a stack costs tens of
+// microseconds, and a long generation resolves thousands of hooks
 const resolveHook = (
   loaded: Loaded.Loaded,
   ref: Graph.HookRef,
-  site: string
+  at: { readonly site: string }
 ): Effect.Effect<HookSite & { readonly step: number }, Errors.UnknownModule | Errors.ModuleIndexOutOfRange> =>
   Effect.gen(function*() {
     const module = loaded.tree.modules.get(ref.module)
@@ -196,19 +198,19 @@ const resolveHook = (
         path: parts.slice(0, -1).join("."),
         name: parts[parts.length - 1],
         available: [],
-        site
+        site: at.site
       })
     }
     // call c of a module run k times per forward pass is its call c % k in pass c / k
     const perPass = module.calls.length
     const call = perPass === 0 || ref.call < 0 ? undefined : module.calls[ref.call % perPass]
     if (call === undefined) {
-      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site })
+      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site: at.site })
     }
     const stepOf = Math.floor(ref.call / perPass)
     const list = ref.point === "input" ? call.inputs : call.outputs
     if (ref.index < 0 || ref.index >= list.length) {
-      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site })
+      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site: at.site })
     }
     const depth = ref.module === "" ? 0 : ref.module.split(".").length
     const position = ref.point === "input" ? call.start : call.end
@@ -355,7 +357,7 @@ export const start = (
     const applyPins = new Set<string>()
     for (const node of nodes) {
       if (node._tag === "Hook" || node._tag === "Set") {
-        const site = yield* resolveHook(loaded, node.ref, node.site)
+        const site = yield* resolveHook(loaded, node.ref, node)
         hookSites.set(site.key, site)
       }
       if (node._tag === "Apply") {

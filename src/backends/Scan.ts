@@ -177,6 +177,9 @@ export const forward = (loaded: Loaded.Loaded, inputs: Inputs): ReadonlyMap<stri
  * @since 0.1.0
  */
 export const unsupportedOps = (model: Onnx.Model): ReadonlyArray<string> => {
+  // every trace asks; a large model's walk costs about half a millisecond
+  const known = unsupportedCache.get(model)
+  if (known !== undefined) return known
   const out = new Set<string>()
   const walk = (g: Onnx.Graph) => {
     for (const n of g.nodes) {
@@ -185,8 +188,12 @@ export const unsupportedOps = (model: Onnx.Model): ReadonlyArray<string> => {
     }
   }
   walk(model.graph)
-  return [...out]
+  const list = [...out]
+  unsupportedCache.set(model, list)
+  return list
 }
+
+const unsupportedCache = new WeakMap<Onnx.Model, ReadonlyArray<string>>()
 
 /**
  * The fakes of every module call's inputs and outputs (what `model.scan`
@@ -484,22 +491,22 @@ interface HookSite {
   readonly point: "input" | "output"
 }
 
-const resolveHook = (loaded: Loaded.Loaded, ref: Graph.HookRef, site: string): HookSite => {
+const resolveHook = (loaded: Loaded.Loaded, ref: Graph.HookRef, at: { readonly site: string }): HookSite => {
   const module = loaded.tree.modules.get(ref.module)
   if (module === undefined) {
     const parts = ref.module.split(".")
-    throw new Errors.UnknownModule({ path: parts.slice(0, -1).join("."), name: parts[parts.length - 1], available: [], site })
+    throw new Errors.UnknownModule({ path: parts.slice(0, -1).join("."), name: parts[parts.length - 1], available: [], site: at.site })
   }
   // call c of a module run k times per forward pass is its call c % k in pass c / k (as Local)
   const perPass = module.calls.length
   const call = perPass === 0 || ref.call < 0 ? undefined : module.calls[ref.call % perPass]
   if (call === undefined) {
-    throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site })
+    throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site: at.site })
   }
   const step = Math.floor(ref.call / perPass)
   const list = ref.point === "input" ? call.inputs : call.outputs
   if (ref.index < 0 || ref.index >= list.length) {
-    throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site })
+    throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site: at.site })
   }
   const local = ref.point === "input" ? call.start : call.end
   return { key: hookKey(ref), tensor: list[ref.index], position: step * (loaded.tree.order.length + 1) + local, step, point: ref.point }
@@ -597,7 +604,7 @@ export const make = (loaded: Loaded.Loaded, options: Options): Scanner => {
     return { dtype: f.dtype, shape: [r.count, ...f.shape.slice(1)] }
   }
   const hookFake = (node: Graph.Node & { readonly ref: Graph.HookRef }) => {
-    const site = resolveHook(loaded, node.ref, node.site)
+    const site = resolveHook(loaded, node.ref, node)
     sites.set(site.key, site)
     const whole = tensorsOf(site.step).get(site.tensor)
     if (whole === undefined) throw new Errors.ExecutionError({ site: node.site, reason: `internal: no shape for tensor "${site.tensor}"` })

@@ -509,6 +509,9 @@ const render = (t: Tensor): string => {
 
 // ---------------------------------------------------------------------------
 
+// one empty storage per dtype to check constructors against (a Tensor is made per model output)
+const emptyOf = Object.fromEntries(DType.all.map((d) => [d, DType.arrayFor(d, 0)])) as { readonly [K in DType.DType]: DType.ArrayOf[K] }
+
 /**
  * An n-dimensional array: `dtype`, `shape` and row-major `data` in the typed
  * array onnxruntime uses for that dtype (`DType.ArrayOf`).
@@ -535,7 +538,7 @@ export class Tensor<D extends DType.DType = DType.DType> {
   constructor(dtype: D, shape: ReadonlyArray<number>, data: DType.ArrayOf[D]) {
     if (!DType.isDType(dtype)) throw new InvalidTensor({ message: `unknown dtype ${String(dtype)}` })
     const s = checkShape(shape)
-    const expected = DType.arrayFor(dtype, 0)
+    const expected = emptyOf[dtype]
     if (Array.isArray(expected) ? !Array.isArray(data) : data?.constructor !== expected.constructor) {
       throw new InvalidTensor({
         message: `${dtype} data must be a ${Array.isArray(expected) ? "string array" : expected.constructor.name}, got ${data?.constructor?.name ?? String(data)}`
