@@ -272,6 +272,25 @@ describe("traces: remote equals local", () => {
     expect(lines.length).toBe(1)
     expect(lines[0]).toMatch(/^mean of layer 0: tensor\(/)
   })
+
+  it("a run that follows its events (progress) gives what the one-round-trip run gives, log lines included", async () => {
+    const fn = (m: Envoy, t: Tracer.Context<unknown>) => {
+      t.log("last logit:", m.lm_head.output.at(0, -1, 0))
+      return { h: m.model.layers[1].output.at(":", -1) }
+    }
+    const quiet: Array<string> = []
+    const followed: Array<string> = []
+    const progress: Array<string> = []
+    const oneTrip = await lm.trace(prompt, fn, { backend: Remote.backend({ url: server.url, apiKey: ALICE, onLog: (l) => quiet.push(l) }) })
+    const streamed = await lm.trace(prompt, fn, {
+      backend: Remote.backend({ url: server.url, apiKey: ALICE, onLog: (l) => followed.push(l), progress: (l) => progress.push(l) })
+    })
+    expect(oneTrip.h.equals(streamed.h)).toBe(true)
+    expect(quiet).toEqual(followed)
+    expect(quiet.length).toBe(1)
+    // only the followed run reports progress
+    expect(progress.some((l) => l.includes("completed"))).toBe(true)
+  })
 })
 
 // ---------------------------------------------------------------------------

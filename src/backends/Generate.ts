@@ -81,8 +81,16 @@ const prng = (seed: number) => {
 export const choose = (logits: ArrayLike<number>, options: Options, random: () => number): number => {
   const n = logits.length
   if (!options.doSample) {
+    // the best value in a local: this loop runs over the whole vocabulary at every step
     let best = 0
-    for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i
+    let top = logits[0]
+    for (let i = 1; i < n; i++) {
+      const v = logits[i]
+      if (v > top) {
+        top = v
+        best = i
+      }
+    }
     return best
   }
   const temperature = options.temperature ?? 1

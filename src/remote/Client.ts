@@ -362,11 +362,20 @@ const makeJob = (options: Options, id: string, model: string, onToken?: Generate
  */
 export const submitEffect = (options: Options, input: JobInput): Effect.Effect<Job, Errors.TraceError | RemoteFailure> =>
   Effect.gen(function*() {
+    const { model, payload } = yield* submission(options, input)
+    const status = yield* (call(options, (c) => c.jobs.submit({ payload })) as Effect.Effect<Protocol.JobStatus, RemoteFailure | Protocol.GraphRejected>).pipe(
+      Effect.mapError(unwrap)
+    )
+    return makeJob(options, status.id, model, input.generate?.onToken)
+  })
+
+/** The request a job sends, checked locally first. */
+const submission = (options: Options, input: JobInput) =>
+  Effect.gen(function*() {
     const refused = localFunctions(input.graph)
     if (refused !== undefined) return yield* refused
     const model = yield* modelKey(options, input)
     const g: Partial<Generate.Options> = input.generate ?? {}
-    const onToken = g.onToken
     // only the generation options the protocol knows (never callbacks or other fields)
     const generate = {
       maxNewTokens: g.maxNewTokens ?? 1,
@@ -388,10 +397,7 @@ export const submitEffect = (options: Options, input: JobInput): Effect.Effect<J
       ...(options.isolated ? { isolated: true } : {}),
       client: `nnsight-ts/${Protocol.version}`
     }
-    const status = yield* (call(options, (c) =>
-      c.jobs.submit({ payload: { request, feeds: input.prompts !== undefined ? {} : (input.feeds ?? {}) } })
-    ) as Effect.Effect<Protocol.JobStatus, RemoteFailure | Protocol.GraphRejected>).pipe(Effect.mapError(unwrap))
-    return makeJob(options, status.id, model, onToken)
+    return { model, payload: { request, feeds: input.prompts !== undefined ? {} : (input.feeds ?? {}) } }
   })
 
 const stripUndefined = <T extends object>(o: T): T =>
@@ -427,12 +433,30 @@ export const toTraceError = (e: Errors.TraceError | RemoteFailure): Errors.Trace
   Errors.isTraceError(e) ? e : new Errors.ExecutionError({ site: "", reason: `remote execution failed: ${e.message}` })
 
 /**
- * Runs a job to the end: submit, follow, fetch, decode.
+ * Runs a job to the end and decodes its result. With nothing to show
+ * while it runs (no `progress`, `onEvent` or `onToken`), in one round trip
+ * (`POST /v1/jobs/run`, log lines arriving with the result); otherwise it
+ * submits, follows the events, then downloads.
  *
  * @since 0.1.0
  */
 export const runEffect = (options: Options, input: JobInput): Effect.Effect<RemoteOutcome, Errors.TraceError | RemoteFailure> =>
-  Effect.flatMap(submitEffect(options, input), (j) => j.effect.result)
+  follows(options, input)
+    ? Effect.flatMap(submitEffect(options, input), (j) => j.effect.result)
+    : Effect.gen(function*() {
+      // nothing to show while it runs: one round trip (submit, wait, download)
+      const { payload } = yield* submission(options, input)
+      const result = yield* (call(options, (c) => c.jobs.run({ payload })) as Effect.Effect<
+        Protocol.JobResult,
+        RemoteFailure | Protocol.GraphRejected | Protocol.JobFailed
+      >).pipe(Effect.mapError(unwrap))
+      for (const line of result.logs ?? []) (options.onLog ?? console.log)(line)
+      return toOutcome(result)
+    })
+
+/** Whether a run shows its events as they come (progress, events, streamed tokens). */
+const follows = (options: Options, input: JobInput): boolean =>
+  (options.progress !== undefined && options.progress !== false) || options.onEvent !== undefined || input.generate?.onToken !== undefined
 
 /**
  * A `Backend` that runs traces on a server.

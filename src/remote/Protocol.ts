@@ -18,6 +18,10 @@
  *   (with their typed error) in `__metadata__.result`.
  * - **Events** stream as Server-Sent Events: received, queued (with the
  *   position), running, log lines, generated tokens, completed, failed.
+ * - **`POST /v1/jobs/run`** submits, waits and answers with the result in
+ *   one round trip (the log lines in the result): a blocking call that
+ *   follows no events saves two requests, which is most of a small job's
+ *   cost on the server.
  * - **Errors**: every 4xx is a `Schema.TaggedError` with its status; errors
  *   raised inside a run are the local interpreter's `Errors.TraceError`s,
  *   with the user's line (`site`), carried in `JobFailed` / `Failed`.
@@ -712,7 +716,9 @@ export const ValueSchema = Schema.declare((u): u is Values.Val => u !== undefine
 export const JobResult = Schema.Struct({
   values: Schema.Array(Schema.Struct({ id: Schema.Number, value: ValueSchema })),
   unavailable: Schema.Array(Schema.Struct({ id: Schema.Number, error: Errors.Unavailable })),
-  tokens: Schema.optional(TensorSchema)
+  tokens: Schema.optional(TensorSchema),
+  /** The job's log lines, in order (given by `run`, which streams no events). */
+  logs: Schema.optional(Schema.Array(Schema.String))
 })
 
 /**
@@ -808,12 +814,14 @@ export const ResultBody = Schema.Uint8Array.pipe(
           const meta = JSON.parse(metadata.result ?? "{}") as {
             values?: ReadonlyArray<readonly [number, WireValue]>
             unavailable?: unknown
+            logs?: unknown
           }
           const { tokens, ...rest } = tensors
           return Effect.succeed({
             values: (meta.values ?? []).map(([id, w]) => ({ id, value: fromWire(w, rest) })),
             unavailable: meta.unavailable ?? [],
-            ...(tokens === undefined ? {} : { tokens })
+            ...(tokens === undefined ? {} : { tokens }),
+            ...(meta.logs === undefined ? {} : { logs: meta.logs })
           } as unknown as typeof JobResult.Encoded)
         } catch (e) {
           return Effect.fail(issue(`malformed result: ${e instanceof Error ? e.message : String(e)}`))
@@ -824,7 +832,7 @@ export const ResultBody = Schema.Uint8Array.pipe(
           const tensors: Record<string, Tensor> = {}
           const values = r.values.map(({ id, value }) => [id, toWire(value as Values.Val, tensors)] as const)
           if (r.tokens !== undefined) tensors.tokens = r.tokens as Tensor
-          return Effect.succeed(encodeTensors(tensors, { result: JSON.stringify({ values, unavailable: r.unavailable }) }))
+          return Effect.succeed(encodeTensors(tensors, { result: JSON.stringify({ values, unavailable: r.unavailable, ...(r.logs === undefined ? {} : { logs: r.logs }) }) }))
         } catch (e) {
           return Effect.fail(issue(e instanceof Error ? e.message : String(e)))
         }
@@ -991,6 +999,12 @@ export class JobsGroup extends HttpApiGroup.make("jobs")
       payload: SubmissionBody,
       success: JobStatus.pipe(HttpApiSchema.status(202)),
       error: [UnknownModel, LimitExceeded, TooManyJobs, GraphRejected, BadRequest]
+    }),
+    // submit, wait and download in one round trip: what a blocking call needs when it follows no events
+    HttpApiEndpoint.post("run", "/jobs/run", {
+      payload: SubmissionBody,
+      success: ResultBody,
+      error: [UnknownModel, LimitExceeded, TooManyJobs, GraphRejected, BadRequest, JobFailed]
     }),
     HttpApiEndpoint.get("status", "/jobs/:id", { params: JobId, success: JobStatus, error: JobNotFound }),
     HttpApiEndpoint.get("events", "/jobs/:id/events", {

@@ -1183,6 +1183,25 @@ export const apiLayer = (options: HttpOptions = {}) => {
             const spec = yield* admit(payload, key, registry, coBatch).pipe(Effect.tapError(() => queue.rejected))
             return yield* queue.submit(spec)
           }))
+        .handle("run", ({ payload }) =>
+          Effect.gen(function*() {
+            const key = yield* Protocol.CurrentKey
+            const spec = yield* admit(payload, key, registry, coBatch).pipe(Effect.tapError(() => queue.rejected))
+            const { id } = yield* queue.submit(spec)
+            // a caller that hangs up no longer wants the job
+            yield* Effect.addFinalizer((exit) => Exit.hasInterrupts(exit) ? Effect.ignore(queue.cancel(key.id, id)) : Effect.void)
+            // the job's own events say when it ends; its log lines travel in the result
+            const logs: Array<string> = []
+            const events = yield* queue.events(key.id, id).pipe(Effect.orDie)
+            yield* Stream.runForEach(Stream.takeUntil(events, Protocol.isTerminal), (e) =>
+              Effect.sync(() => {
+                if (e._tag === "Log") logs.push(e.message)
+              }))
+            const result = yield* queue.result(key.id, id).pipe(
+              Effect.catchTag(["JobNotFound", "NotReady"], (e) => Effect.die(e))
+            )
+            return logs.length === 0 ? result : { ...result, logs }
+          }).pipe(Effect.scoped))
         .handle("status", ({ params }) => Effect.gen(function*() { return yield* queue.status((yield* Protocol.CurrentKey).id, params.id) }))
         .handle("events", ({ params }) => Effect.gen(function*() { return yield* queue.events((yield* Protocol.CurrentKey).id, params.id) }))
         .handle("result", ({ params }) => Effect.gen(function*() { return yield* queue.result((yield* Protocol.CurrentKey).id, params.id) }))
