@@ -518,6 +518,9 @@ describe("bad input: typed 4xx, and the server keeps serving", () => {
 
     // bob's limits: saved bytes, graph nodes, tokens
     const logits = lm.record(prompt, (m) => m.lm_head.output).graph
+    // admission remembers what it learned of a graph (alice's request), yet applies each key's limits
+    const logitsRequest = { model: "stories260K", kind: "trace", graph: Graph.encode(logits), inputs: { _tag: "Prompts", prompts: [prompt] } }
+    expect((await post(server.url, container(logitsRequest))).status).toBe(202)
     const saved = await expectTyped(
       await post(server.url, container({ model: "stories260K", kind: "trace", graph: Graph.encode(logits), inputs: { _tag: "Prompts", prompts: [prompt] } }), BOB),
       422,

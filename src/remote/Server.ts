@@ -425,6 +425,10 @@ export interface WorkQueue<J> {
 
 /**
  * Waits until a job is queued, then takes the next group ({@link takeGroup}).
+ * A job that can share its pass first lets the event loop turn while that
+ * brings more jobs: requests that reached the server together are admitted
+ * over a few turns, and a pass started at the first of them would run it
+ * nearly alone (measured: 5 jobs per pass instead of 13 with 32 clients).
  *
  * @example
  * const group = yield* Server.nextGroup(queue, { enabled: true, maxJobs: 16, maxRows: 16 })
@@ -440,8 +444,20 @@ export const nextGroup = <J extends { readonly spec: JobSpec }>(
       q.latch.closeUnsafe()
       yield* q.latch.await
     }
+    if (options.enabled && q.pending[0].spec.coBatchKey !== undefined) {
+      for (let seen = -1, turns = 0; q.pending.length !== seen && q.pending.length < options.maxJobs && turns < 16; turns++) {
+        seen = q.pending.length
+        yield* nextTurn
+      }
+    }
     return takeGroup(q.pending, options)
   })
+
+/** One turn of the event loop (after the I/O it has ready). */
+const nextTurn = Effect.callback<void>((resume) => {
+  const t = setImmediate(() => resume(Effect.void))
+  return Effect.sync(() => clearImmediate(t))
+})
 
 const allNodes = (graph: Graph.Graph) => Graph.flatten(graph.nodes)
 
@@ -986,6 +1002,32 @@ const batchedHooks = (hosted: Hosted, feeds: Readonly<Record<string, Tensor>>, g
 
 const batchedCache = new WeakMap<object, Map<string, Map<string, boolean>>>()
 
+/** What admission learned of a graph at given input shapes (see {@link admit}). */
+interface Admitted {
+  readonly estimate: number
+  readonly largest: number
+  readonly eligible: boolean
+}
+
+const admitted = new WeakMap<object, Map<string, Admitted>>()
+
+const admittedCache = (hosted: Hosted): ReadonlyMap<string, Admitted> => admitted.get(hosted.runtime.loaded) ?? new Map()
+
+const remember = (hosted: Hosted, key: string, a: Admitted) => {
+  let byModel = admitted.get(hosted.runtime.loaded)
+  if (byModel === undefined) admitted.set(hosted.runtime.loaded, (byModel = new Map()))
+  // bounded: a server sees few distinct experiments at a time
+  if (byModel.size >= 1024) byModel.clear()
+  byModel.set(key, a)
+}
+
+/** Jobs whose feeds agree on all but the batch size may share a forward pass. */
+const coBatchKeyOf = (feeds: Readonly<Record<string, Tensor>>): string =>
+  Object.entries(feeds)
+    .map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(1).join("x")}`)
+    .sort()
+    .join(";")
+
 const fakeBytes = (f: Scan.Value | undefined): number | undefined => {
   if (f === undefined) return undefined
   if (Array.isArray(f)) return (f as ReadonlyArray<Shapes.Fake>).reduce<number | undefined>((a, x) => (a === undefined ? undefined : ((b) => (b === undefined ? undefined : a + b))(fakeBytes(x))), 0)
@@ -1076,6 +1118,29 @@ export const admit = (
       (request.kind === "generate" ? request.generate!.maxNewTokens * batch : 0)
     if (tokens > key.limits.tokens) return yield* new Protocol.LimitExceeded({ limit: "tokens", value: tokens, max: key.limits.tokens })
 
+    // what follows depends only on the graph's structure, the inputs' shapes and the model:
+    // a client that runs one experiment over many prompts is checked once (failures are
+    // not remembered, so each names its own lines)
+    const shapeKey = `${request.kind}|${request.isolated === true}|${JSON.stringify(rows)}|${
+      Object.entries(feeds).map(([n, t]) => `${n}:${t.dtype}:${t.shape.join("x")}`).sort().join(";")
+    }|${Graph.hash(graph)}`
+    const known = admittedCache(hosted).get(shapeKey)
+    if (known !== undefined) {
+      if (known.estimate > key.limits.savedBytes) return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: known.estimate, max: key.limits.savedBytes })
+      if (known.largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: known.largest, max: key.limits.valueBytes })
+      return {
+        owner: key.id,
+        limits: key.limits,
+        model: hosted.key,
+        kind: request.kind,
+        graph,
+        feeds,
+        rows,
+        generate: request.generate,
+        coBatchKey: known.eligible && coBatch ? coBatchKeyOf(feeds) : undefined
+      }
+    }
+
     // hooks and modules resolve as a local run resolves them
     const started = yield* Local.start(hosted.runtime, graph, rows).pipe(Effect.exit)
     if (Exit.isFailure(started)) {
@@ -1085,6 +1150,9 @@ export const admit = (
 
     // shapes: saved bytes, and whether the job can share a forward pass
     let coBatchKey: string | undefined
+    let estimate = 0
+    let largest = 0
+    let eligible = false
     if (request.kind === "trace") {
       let scanned: Scan.Outcome | undefined
       try {
@@ -1093,13 +1161,9 @@ export const admit = (
         scanned = undefined
       }
       if (scanned !== undefined) {
-        let estimate = 0
         for (const id of Graph.resultRefs(graph.result)) estimate += fakeBytes(scanned.values.get(id) as Scan.Value | undefined) ?? 0
-        if (estimate > key.limits.savedBytes) return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: estimate, max: key.limits.savedBytes })
-        let largest = 0
         for (const f of scanned.values.values()) largest = Math.max(largest, fakeBytes(f as Scan.Value) ?? 0)
-        if (largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: largest, max: key.limits.valueBytes })
-        let eligible = coBatch && request.isolated !== true && allNodes(graph).every((n) =>
+        eligible = request.isolated !== true && allNodes(graph).every((n) =>
           mergeable.has(n._tag) && !((n._tag === "Hook" || n._tag === "Set") && n.ref.invoke < 0)
         )
         if (eligible) {
@@ -1109,12 +1173,10 @@ export const admit = (
             eligible = false
           }
         }
-        if (eligible) {
-          coBatchKey = Object.entries(feeds)
-            .map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(1).join("x")}`)
-            .sort()
-            .join(";")
-        }
+        remember(hosted, shapeKey, { estimate, largest, eligible })
+        if (estimate > key.limits.savedBytes) return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: estimate, max: key.limits.savedBytes })
+        if (largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: largest, max: key.limits.valueBytes })
+        if (eligible && coBatch) coBatchKey = coBatchKeyOf(feeds)
       }
     }
     return {
