@@ -1121,25 +1121,33 @@ export const admit = (
     // what follows depends only on the graph's structure, the inputs' shapes and the model:
     // a client that runs one experiment over many prompts is checked once (failures are
     // not remembered, so each names its own lines)
-    const shapeKey = `${request.kind}|${request.isolated === true}|${JSON.stringify(rows)}|${
+    const shapeKey = request.kind !== "trace" ? undefined : `${request.isolated === true}|${JSON.stringify(rows)}|${
       Object.entries(feeds).map(([n, t]) => `${n}:${t.dtype}:${t.shape.join("x")}`).sort().join(";")
     }|${Graph.hash(graph)}`
-    const known = admittedCache(hosted).get(shapeKey)
-    if (known !== undefined) {
-      if (known.estimate > key.limits.savedBytes) return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: known.estimate, max: key.limits.savedBytes })
-      if (known.largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: known.largest, max: key.limits.valueBytes })
-      return {
-        owner: key.id,
-        limits: key.limits,
-        model: hosted.key,
-        kind: request.kind,
-        graph,
-        feeds,
-        rows,
-        generate: request.generate,
-        coBatchKey: known.eligible && coBatch ? coBatchKeyOf(feeds) : undefined
-      }
-    }
+    // the key's limits, then the job (co-batched when its graph and feeds allow)
+    const accept = (a: Admitted | undefined) =>
+      Effect.gen(function*() {
+        if (a !== undefined && a.estimate > key.limits.savedBytes) {
+          return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: a.estimate, max: key.limits.savedBytes })
+        }
+        if (a !== undefined && a.largest > key.limits.valueBytes) {
+          return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: a.largest, max: key.limits.valueBytes })
+        }
+        const spec: JobSpec = {
+          owner: key.id,
+          limits: key.limits,
+          model: hosted.key,
+          kind: request.kind,
+          graph,
+          feeds,
+          rows,
+          generate: request.generate,
+          coBatchKey: a?.eligible && coBatch ? coBatchKeyOf(feeds) : undefined
+        }
+        return spec
+      })
+    const known = shapeKey === undefined ? undefined : admittedCache(hosted).get(shapeKey)
+    if (known !== undefined) return yield* accept(known)
 
     // hooks and modules resolve as a local run resolves them
     const started = yield* Local.start(hosted.runtime, graph, rows).pipe(Effect.exit)
@@ -1149,10 +1157,6 @@ export const admit = (
     }
 
     // shapes: saved bytes, and whether the job can share a forward pass
-    let coBatchKey: string | undefined
-    let estimate = 0
-    let largest = 0
-    let eligible = false
     if (request.kind === "trace") {
       let scanned: Scan.Outcome | undefined
       try {
@@ -1161,9 +1165,11 @@ export const admit = (
         scanned = undefined
       }
       if (scanned !== undefined) {
+        let estimate = 0
+        let largest = 0
         for (const id of Graph.resultRefs(graph.result)) estimate += fakeBytes(scanned.values.get(id) as Scan.Value | undefined) ?? 0
         for (const f of scanned.values.values()) largest = Math.max(largest, fakeBytes(f as Scan.Value) ?? 0)
-        eligible = request.isolated !== true && allNodes(graph).every((n) =>
+        let eligible = request.isolated !== true && allNodes(graph).every((n) =>
           mergeable.has(n._tag) && !((n._tag === "Hook" || n._tag === "Set") && n.ref.invoke < 0)
         )
         if (eligible) {
@@ -1173,23 +1179,12 @@ export const admit = (
             eligible = false
           }
         }
-        remember(hosted, shapeKey, { estimate, largest, eligible })
-        if (estimate > key.limits.savedBytes) return yield* new Protocol.LimitExceeded({ limit: "savedBytes", value: estimate, max: key.limits.savedBytes })
-        if (largest > key.limits.valueBytes) return yield* new Protocol.LimitExceeded({ limit: "valueBytes", value: largest, max: key.limits.valueBytes })
-        if (eligible && coBatch) coBatchKey = coBatchKeyOf(feeds)
+        const learned = { estimate, largest, eligible }
+        if (shapeKey !== undefined) remember(hosted, shapeKey, learned)
+        return yield* accept(learned)
       }
     }
-    return {
-      owner: key.id,
-      limits: key.limits,
-      model: hosted.key,
-      kind: request.kind,
-      graph,
-      feeds,
-      rows,
-      generate: request.generate,
-      coBatchKey
-    }
+    return yield* accept(undefined)
   })
 
 // ---------------------------------------------------------------------------
