@@ -373,15 +373,32 @@ export type Submission = typeof Submission.Type
 
 const issue = (message: string) => new SchemaIssue.InvalidValue({ message })
 
+const decodeSubmission = Schema.decodeUnknownEffect(Submission)
+const encodeSubmission = Schema.encodeEffect(Submission)
+
+// Requests decoded lately, by their JSON text: a client that runs one experiment
+// over many inputs sends the same text again, and decoding a graph strictly
+// costs a server more than the rest of admitting it. Decoded requests are
+// immutable, so jobs may share one.
+const decodedRequests = new Map<string, JobRequest>()
+const rememberRequest = (text: string, request: JobRequest) => {
+  if (decodedRequests.size >= 256) decodedRequests.delete(decodedRequests.keys().next().value!)
+  decodedRequests.set(text, request)
+}
+
 /**
  * The request body of `POST /v1/jobs`: a tensor container whose metadata
- * `request` is the JSON request.
+ * `request` is the JSON request, decoded strictly (`onExcessProperty:
+ * "error"`) the first time its text is seen.
  *
  * @since 0.1.0
  */
 export const SubmissionBody = Schema.Uint8Array.pipe(
   Schema.decodeTo(
-    Submission,
+    Schema.declare((u): u is Submission => typeof u === "object" && u !== null && "request" in u && "feeds" in u, {
+      identifier: "Submission",
+      expected: "a decoded submission"
+    }),
     SchemaTransformation.transformEffect({
       decode: (bytes: Uint8Array) => {
         let decoded: ReturnType<typeof decodeTensors>
@@ -392,21 +409,31 @@ export const SubmissionBody = Schema.Uint8Array.pipe(
         }
         const text = decoded.metadata.request
         if (text === undefined) return Effect.fail(issue("the container has no request in its __metadata__"))
+        // the feeds are the container's own tensors: only the request needs decoding
+        const known = decodedRequests.get(text)
+        if (known !== undefined) return Effect.succeed<Submission>({ request: known, feeds: decoded.tensors })
         let request: unknown
         try {
           request = JSON.parse(text)
         } catch (e) {
           return Effect.fail(issue(`the request is not valid JSON: ${e instanceof Error ? e.message : String(e)}`))
         }
-        return Effect.succeed({ request, feeds: decoded.tensors } as unknown as typeof Submission.Encoded)
+        return decodeSubmission({ request, feeds: decoded.tensors }, { onExcessProperty: "error" }).pipe(
+          Effect.tap((s) => Effect.sync(() => rememberRequest(text, s.request))),
+          Effect.mapError((e) => e.issue)
+        )
       },
-      encode: (s: typeof Submission.Encoded) => {
-        try {
-          return Effect.succeed(encodeTensors(s.feeds as Record<string, Tensor>, { request: JSON.stringify(s.request) }))
-        } catch (e) {
-          return Effect.fail(issue(e instanceof Error ? e.message : String(e)))
-        }
-      }
+      encode: (s: Submission) =>
+        encodeSubmission(s).pipe(
+          Effect.mapError((e) => e.issue),
+          Effect.flatMap((encoded) => {
+            try {
+              return Effect.succeed(encodeTensors(s.feeds as Record<string, Tensor>, { request: JSON.stringify(encoded.request) }))
+            } catch (e) {
+              return Effect.fail(issue(e instanceof Error ? e.message : String(e)))
+            }
+          })
+        )
     })
   ),
   HttpApiSchema.asUint8Array({ contentType: "application/octet-stream" })

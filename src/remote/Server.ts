@@ -1011,6 +1011,14 @@ interface Admitted {
 
 const admitted = new WeakMap<object, Map<string, Admitted>>()
 
+// a request text seen again decodes to the same graph (Protocol's cache): hash it once
+const hashes = new WeakMap<Graph.Graph, string>()
+const graphHash = (graph: Graph.Graph): string => {
+  let h = hashes.get(graph)
+  if (h === undefined) hashes.set(graph, (h = Graph.hash(graph)))
+  return h
+}
+
 const admittedCache = (hosted: Hosted): ReadonlyMap<string, Admitted> => admitted.get(hosted.runtime.loaded) ?? new Map()
 
 const remember = (hosted: Hosted, key: string, a: Admitted) => {
@@ -1123,7 +1131,7 @@ export const admit = (
     // not remembered, so each names its own lines)
     const shapeKey = request.kind !== "trace" ? undefined : `${request.isolated === true}|${JSON.stringify(rows)}|${
       Object.entries(feeds).map(([n, t]) => `${n}:${t.dtype}:${t.shape.join("x")}`).sort().join(";")
-    }|${Graph.hash(graph)}`
+    }|${graphHash(graph)}`
     // the key's limits, then the job (co-batched when its graph and feeds allow)
     const accept = (a: Admitted | undefined) =>
       Effect.gen(function*() {
