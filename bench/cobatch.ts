@@ -6,7 +6,9 @@
  * requests. Every result is checked against a local run. The server runs in
  * its own process (`nnsight-ts serve`), as it would for remote users; the
  * clients share this one. Before timing, every kind of request runs once on
- * each server, so neither pays for its first sessions in the timed part.
+ * each server, then one untimed round of the concurrent load (a co-batching
+ * server makes a session for each mix of graphs that shares a pass), so
+ * neither pays for its first sessions in the timed part.
  *
  *     npx tsx bench/cobatch.ts      # prints one JSON line
  */
@@ -59,21 +61,27 @@ export const measure = async (options: { readonly clients?: number; readonly req
     try {
       const backend = Remote.backend({ url: server.url, apiKey: KEY })
       for (const c of cases) await Effect.runPromise(backend.execute({ runtime: lm.runtime, ...c }))
+      const load = (rounds: number) =>
+        Promise.all(
+          Array.from({ length: clients }, async (_, c) => {
+            const out: Array<readonly [Case, Exit.Exit<Local.Outcome, unknown>]> = []
+            for (let r = 0; r < rounds; r++) {
+              const kase = cases[(c * rounds + r * 7) % cases.length]
+              const { graph, feeds, rows } = kase
+              out.push([kase, await Effect.runPromiseExit(backend.execute({ runtime: lm.runtime, graph, feeds, rows }))])
+            }
+            return out
+          })
+        ).then((all) => all.flat())
+      await load(3)
+      const stats = async () => (await (await fetch(`${server.url}/v1/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json()) as Record<string, number>
+      const before = await stats()
       let wrong = 0
       const cpu0 = server.cpu()
       const own0 = process.cpuUsage()
       const t0 = performance.now()
       // results are checked after the clock stops: the check is the benchmark's, not a client's work
-      const done: Array<readonly [Case, Exit.Exit<Local.Outcome, unknown>]> = []
-      await Promise.all(
-        Array.from({ length: clients }, async (_, c) => {
-          for (let r = 0; r < requests; r++) {
-            const kase = cases[(c * requests + r * 7) % cases.length]
-            const { graph, feeds, rows } = kase
-            done.push([kase, await Effect.runPromiseExit(backend.execute({ runtime: lm.runtime, graph, feeds, rows }))])
-          }
-        })
-      )
+      const done = await load(requests)
       const seconds = (performance.now() - t0) / 1000
       const serverCpu = server.cpu() - cpu0
       const own = process.cpuUsage(own0)
@@ -88,8 +96,8 @@ export const measure = async (options: { readonly clients?: number; readonly req
           if (got === undefined || !got.allClose(want as Tensor, 1e-6, 1e-6)) wrong++
         }
       }
-      const stats = (await (await fetch(`${server.url}/v1/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json()) as Record<string, number>
-      return { seconds, wrong, stats, serverCpu, clientCpu }
+      const after = await stats()
+      return { seconds, wrong, stats: { runs: after.runs - before.runs, largestBatch: after.largestBatch }, serverCpu, clientCpu }
     } finally {
       server.stop()
     }
