@@ -73,7 +73,7 @@ export const measure = async (options: { readonly clients?: number; readonly req
             return out
           })
         ).then((all) => all.flat())
-      await load(3)
+      await load(requests)
       const stats = async () => (await (await fetch(`${server.url}/v1/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json()) as Record<string, number>
       const before = await stats()
       let wrong = 0
