@@ -19,7 +19,7 @@ import * as Remote from "../src/remote/Client.js"
 import { spawnCli } from "../test/support/cli.js"
 import { type Case, loadCases } from "../test/support/remoteLoad.js"
 import type * as Local from "../src/backends/Local.js"
-import { round } from "./harness.js"
+import { median, round } from "./harness.js"
 
 
 /** Starts `nnsight-ts serve` in a child process; resolves with its URL once it listens. */
@@ -50,33 +50,45 @@ const serve = (coBatch: boolean) =>
 
 const KEY = "bench-key"
 
-/** The measurement: seconds for all requests on each server, and their ratio. */
-export const measure = async (options: { readonly clients?: number; readonly requests?: number } = {}) => {
+/** One round of the load on a server: its time, CPU, passes, and wrong results. */
+interface Round {
+  readonly seconds: number
+  readonly wrong: number
+  readonly runs: number
+  readonly largestBatch: number
+  readonly serverCpu: number
+  readonly clientCpu: number
+}
+
+/**
+ * The measurement: both servers run at once, warmed up, then timed in
+ * alternating rounds (a shared machine's slow stretches hit both alike);
+ * the throughput ratio is the median of the rounds' ratios.
+ */
+export const measure = async (options: { readonly clients?: number; readonly requests?: number; readonly rounds?: number } = {}) => {
   const clients = options.clients ?? 32
   const requests = options.requests ?? 10
+  const rounds = options.rounds ?? 3
   const lm = await LanguageModel.load(defaultModelDir)
   const cases = await loadCases(lm)
-  const run = async (coBatch: boolean) => {
+  const open = async (coBatch: boolean) => {
     const server = await serve(coBatch)
-    try {
-      const backend = Remote.backend({ url: server.url, apiKey: KEY })
-      for (const c of cases) await Effect.runPromise(backend.execute({ runtime: lm.runtime, ...c }))
-      const load = (rounds: number) =>
-        Promise.all(
-          Array.from({ length: clients }, async (_, c) => {
-            const out: Array<readonly [Case, Exit.Exit<Local.Outcome, unknown>]> = []
-            for (let r = 0; r < rounds; r++) {
-              const kase = cases[(c * rounds + r * 7) % cases.length]
-              const { graph, feeds, rows } = kase
-              out.push([kase, await Effect.runPromiseExit(backend.execute({ runtime: lm.runtime, graph, feeds, rows }))])
-            }
-            return out
-          })
-        ).then((all) => all.flat())
-      await load(requests)
-      const stats = async () => (await (await fetch(`${server.url}/v1/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json()) as Record<string, number>
+    const backend = Remote.backend({ url: server.url, apiKey: KEY })
+    const load = (perClient: number) =>
+      Promise.all(
+        Array.from({ length: clients }, async (_, c) => {
+          const out: Array<readonly [Case, Exit.Exit<Local.Outcome, unknown>]> = []
+          for (let r = 0; r < perClient; r++) {
+            const kase = cases[(c * perClient + r * 7) % cases.length]
+            const { graph, feeds, rows } = kase
+            out.push([kase, await Effect.runPromiseExit(backend.execute({ runtime: lm.runtime, graph, feeds, rows }))])
+          }
+          return out
+        })
+      ).then((all) => all.flat())
+    const stats = async () => (await (await fetch(`${server.url}/v1/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json()) as Record<string, number>
+    const timed = async (): Promise<Round> => {
       const before = await stats()
-      let wrong = 0
       const cpu0 = server.cpu()
       const own0 = process.cpuUsage()
       const t0 = performance.now()
@@ -85,7 +97,7 @@ export const measure = async (options: { readonly clients?: number; readonly req
       const seconds = (performance.now() - t0) / 1000
       const serverCpu = server.cpu() - cpu0
       const own = process.cpuUsage(own0)
-      const clientCpu = (own.user + own.system) / 1e6
+      let wrong = 0
       for (const [{ expected }, exit] of done) {
         if (Exit.isFailure(exit)) {
           wrong++
@@ -97,27 +109,45 @@ export const measure = async (options: { readonly clients?: number; readonly req
         }
       }
       const after = await stats()
-      return { seconds, wrong, stats: { runs: after.runs - before.runs, largestBatch: after.largestBatch }, serverCpu, clientCpu }
-    } finally {
-      server.stop()
+      return { seconds, wrong, runs: after.runs - before.runs, largestBatch: after.largestBatch, serverCpu, clientCpu: (own.user + own.system) / 1e6 }
     }
+    try {
+      for (const c of cases) await Effect.runPromise(backend.execute({ runtime: lm.runtime, ...c }))
+      await load(requests)
+    } catch (e) {
+      server.stop()
+      throw e
+    }
+    return { timed, stop: server.stop }
   }
+  const servers: Array<{ readonly timed: () => Promise<Round>; readonly stop: () => void }> = []
   try {
-    const sequential = await run(false)
-    const coBatched = await run(true)
+    const sequentialServer = await open(false)
+    servers.push(sequentialServer)
+    const coBatchingServer = await open(true)
+    servers.push(coBatchingServer)
+    const seq: Array<Round> = []
+    const cob: Array<Round> = []
+    for (let k = 0; k < rounds; k++) {
+      seq.push(await sequentialServer.timed())
+      cob.push(await coBatchingServer.timed())
+    }
+    const mid = <A>(xs: ReadonlyArray<A>, f: (a: A) => number) => median(xs.map(f))
     return {
       clients,
       requests,
-      sequential_s: sequential.seconds,
-      cobatched_s: coBatched.seconds,
-      throughput_x: sequential.seconds / coBatched.seconds,
-      wrong: sequential.wrong + coBatched.wrong,
-      server_cpu_s: { sequential: sequential.serverCpu, cobatched: coBatched.serverCpu },
+      sequential_s: mid(seq, (r) => r.seconds),
+      cobatched_s: mid(cob, (r) => r.seconds),
+      throughput_x: median(seq.map((r, k) => r.seconds / cob[k].seconds)),
+      throughput_by_round: seq.map((r, k) => round(r.seconds / cob[k].seconds)),
+      wrong: [...seq, ...cob].reduce((a, r) => a + r.wrong, 0),
+      server_cpu_s: { sequential: round(mid(seq, (r) => r.serverCpu)), cobatched: round(mid(cob, (r) => r.serverCpu)) },
       // the clients share the machine's cores with the server
-      client_cpu_s: { sequential: round(sequential.clientCpu), cobatched: round(coBatched.clientCpu) },
-      forward_passes: { sequential: sequential.stats.runs, cobatched: coBatched.stats.runs, largest_batch: coBatched.stats.largestBatch }
+      client_cpu_s: { sequential: round(mid(seq, (r) => r.clientCpu)), cobatched: round(mid(cob, (r) => r.clientCpu)) },
+      forward_passes: { sequential: mid(seq, (r) => r.runs), cobatched: mid(cob, (r) => r.runs), largest_batch: Math.max(...cob.map((r) => r.largestBatch)) }
     }
   } finally {
+    for (const s of servers) s.stop()
     await lm.close()
   }
 }

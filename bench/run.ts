@@ -243,7 +243,9 @@ for (const c of cases) {
     traced_ms: round(r.cobatched_s * 1000),
     ratio: round(r.cobatched_s / r.sequential_s, 3),
     throughput_x: round(r.throughput_x, 2),
+    throughput_by_round: r.throughput_by_round,
     server_cpu_s: r.server_cpu_s,
+    client_cpu_s: r.client_cpu_s,
     forward_passes: r.forward_passes
   })
   console.log(`remote co-batching: ${round(r.throughput_x, 2)}x the throughput of a sequential server (${r.clients} clients x ${r.requests} requests)`)
