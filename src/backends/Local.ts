@@ -38,6 +38,7 @@ import * as Onnx from "../models/Onnx.js"
 import * as Segments from "../models/Segments.js"
 import * as Weights from "../models/Weights.js"
 import * as Kernels from "./Kernels.js"
+import * as Scan from "./Scan.js"
 import * as Sessions from "./Sessions.js"
 import * as Values from "./Values.js"
 import * as Backprop from "./Backprop.js"
@@ -182,6 +183,17 @@ const wrapOrt = (t: ort.Tensor): Tensor => {
   if (t.type === "bool" || t.type === "float16") return Tensor.fromOrt(t)
   return new Tensor(t.type as DType.DType, [...t.dims], t.data as DType.TypedData)
 }
+
+/** Tensors that subgraphs (If/Loop bodies) read by their outer names. */
+const subgraphNames = (loaded: Loaded.Loaded): ReadonlySet<string> => {
+  let names = outerNamesCache.get(loaded)
+  if (names === undefined) {
+    names = new Set(loaded.model.graph.nodes.flatMap((node) => [...Onnx.outerNames(node)]))
+    outerNamesCache.set(loaded, names)
+  }
+  return names
+}
+const outerNamesCache = new WeakMap<Loaded.Loaded, ReadonlySet<string>>()
 
 // `at.site` is read only for an error: formatting a stack costs tens of
 // microseconds, and a long generation resolves thousands of hooks
@@ -984,6 +996,44 @@ export const start = (
       }
     })
 
+    /**
+     * The tensors this pass's sets replace, when every set can be fed: an output
+     * point, every row, a value known now, a tensor the graph computes and reads
+     * only by name in its main body, and a shape the scan knows.
+     */
+    const fedWrites = (stepIndex: number, feeds: Readonly<Record<string, Tensor>>): ReadonlyMap<string, Tensor> | undefined => {
+      const out = new Map<string, Tensor>()
+      let shapes: ReadonlyMap<string, { readonly dtype: string; readonly shape: ReadonlyArray<unknown> }> | undefined
+      for (const node of nodes) {
+        if (node._tag !== "Set" || !pending.has(node.id)) continue
+        const site = hookSites.get(hookKey(node.ref))!
+        if (site.step !== stepIndex) continue
+        const r = rows[node.ref.invoke]
+        if (site.point !== "output" || out.has(site.tensor) || idx.graphOutputs.has(site.tensor) || !idx.producer.has(site.tensor)) return undefined
+        if (invokes > 1 && !(r !== undefined && r.start === 0 && r.count === batch)) return undefined
+        if (guard.has(node.id) || !(done.has(node.value) && values.has(node.value))) return undefined
+        const value = values.get(node.value)
+        if (!(value instanceof Tensor || typeof value === "number" || typeof value === "boolean")) return undefined
+        if (shapes === undefined) {
+          try {
+            shapes = Scan.forward(loaded, feeds)
+          } catch {
+            return undefined
+          }
+        }
+        const fake = shapes.get(site.tensor)
+        if (fake === undefined || !DType.isDType(fake.dtype) || !fake.shape.every((d) => typeof d === "number")) return undefined
+        try {
+          out.set(site.tensor, replaceRows(Tensor.zeros(fake.shape as ReadonlyArray<number>, fake.dtype), asTensor(value), r, batch, invokes))
+        } catch {
+          // the set itself reports its error, with the user's line, when it runs
+          return undefined
+        }
+      }
+      if (out.size === 0 || [...subgraphNames(loaded)].some((t) => out.has(t))) return undefined
+      return out
+    }
+
     const forward = (feeds: Readonly<Record<string, Tensor>>, stepIndex: number) =>
       Effect.gen(function*() {
         env = new Map()
@@ -1005,6 +1055,8 @@ export const start = (
         }
 
         enterPass(stepIndex)
+        // nodes that need nothing from this pass run first: a set's value known now can be fed
+        yield* runReady
         // cuts and events of this pass
         const cuts = new Set(loaded.canonicalCuts)
         const here = [...hookSites.values()].filter((h) => h.step === stepIndex)
@@ -1022,6 +1074,10 @@ export const start = (
         }
         const events = here.sort((a, b) => a.position - b.position || a.order - b.order)
         const readTensors = new Set([...events.map((e) => e.tensor), ...backForward])
+        // sets whose values are known before the pass and replace a tensor on every row (a
+        // zero or mean ablation, a patch from an earlier trace) are fed to one session in the
+        // tensor's place: no cut, so onnxruntime keeps its fusions and runs once
+        const fed = writes && backForward.size === 0 && !stopsOrApplies && stopped === undefined ? fedWrites(stepIndex, feeds) : undefined
         // a pass that only reads block borders runs as one session: onnxruntime keeps
         // its fusions across blocks, and one run costs less than a chain of them
         const whole =
@@ -1031,7 +1087,7 @@ export const start = (
           [...readTensors].every((t) => borderTensors(loaded).has(t))
         // a write pattern that dominates runs cut only where it writes (see WritePatterns)
         let own: WritePatterns | undefined
-        if ((writes || backForward.size > 0) && !stopsOrApplies) {
+        if ((writes || backForward.size > 0) && !stopsOrApplies && fed === undefined) {
           // a pass for backward also cuts where the backward chain does
           backBorders.forEach((p) => p > 0 && p < n && writeCuts.add(p))
           own = ownSessions(sessions, `${[...writeCuts].sort((a, b) => a - b).join(",")}|${[...readTensors].sort().join(",")}`)
@@ -1040,7 +1096,7 @@ export const start = (
             writeCuts.forEach((p) => cuts.add(p))
           }
         }
-        const bounds = whole ? [0, n] : [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
+        const bounds = whole || fed !== undefined ? [0, n] : [...new Set([0, n, ...[...cuts].filter((p) => p > 0 && p < n)])].sort((a, b) => a - b)
         const pins = new Set([...applyPins, ...readTensors])
 
         const valueAt = (tensor: string, site: HookSite): Tensor | undefined => {
@@ -1074,7 +1130,6 @@ export const start = (
             }
           })
 
-        yield* runReady
         yield* fireUpTo(0)
         for (let k = 0; k + 1 < bounds.length && stopped === undefined; k++) {
           const [segStart, segEnd] = [bounds[k], bounds[k + 1]]
@@ -1082,11 +1137,15 @@ export const start = (
             const p = idx.producer.get(t)
             return p !== undefined && idx.position[p] >= segStart && idx.position[p] < segEnd
           })
-          const { seg, key } = plan(loaded, segStart, segEnd, extra)
+          const planned = plan(loaded, segStart, segEnd, extra)
+          const { seg } = planned
+          const fedTensors = fed === undefined ? [] : [...fed.keys()].sort()
+          const key = fedTensors.length === 0 ? planned.key : `${planned.key}|fed:${fedTensors.join(",")}`
           // canonical segments and the whole model stay; a coarse pattern's own ranges go with it
           const at = loaded.canonicalCuts.indexOf(segStart)
           if (own !== undefined && !(at >= 0 && loaded.canonicalCuts[at + 1] === segEnd) && !(segStart === 0 && segEnd === n)) own.keys.add(key)
           const segFeeds: Record<string, ort.Tensor> = {}
+          for (const [t, v] of fed ?? []) segFeeds[Segments.fedName(t)] = v.toOrt()
           for (const name of seg.inputs) {
             let t = env.get(name)
             for (const o of overrides) if (o.tensor === name && segStart >= o.start && segEnd <= o.end) t = o.value
@@ -1096,7 +1155,11 @@ export const start = (
             segFeeds[name] = t.toOrt()
           }
           const out = yield* sessions
-            .use(key, () => Onnx.encode(Weights.inline(Segments.toModel(idx, seg))), (session) => Sessions.run(session, segFeeds, seg.outputs))
+            .use(
+              key,
+              () => Onnx.encode(Weights.inline(fedTensors.length === 0 ? Segments.toModel(idx, seg) : Segments.feed(Segments.toModel(idx, seg), fedTensors))),
+              (session) => Sessions.run(session, segFeeds, seg.outputs)
+            )
             .pipe(Effect.mapError((e) => new Errors.ExecutionError({ site: "", reason: e.message })))
           for (const name of seg.outputs) env.set(name, wrapOrt(out[name]))
           yield* fireUpTo(segEnd)

@@ -205,3 +205,40 @@ export const toModel = (idx: Index, seg: Segment, options: { readonly anyShape?:
     }
   }
 }
+
+/**
+ * A segment model in which the consumers of each tensor of `fed` read a new
+ * input instead (named by `fedName`), so a value known before the run
+ * replaces the tensor without cutting the model there. The tensor is still
+ * computed, and stays an output when the segment had it as one.
+ *
+ * @example
+ * const model = Segments.feed(Segments.toModel(index, seg), ["/model/layers.1/mlp/down_proj/MatMul_output_0"])
+ *
+ * @since 0.1.0
+ */
+export const feed = (model: Onnx.Model, fed: ReadonlyArray<string>): Onnx.Model => {
+  const graph = model.graph
+  const swap = new Map(fed.map((t) => [t, fedName(t)]))
+  const declared = new Map([...graph.inputs, ...graph.outputs, ...graph.valueInfos].map((v) => [v.name, v]))
+  const inputs = fed.map((t) => {
+    const v = declared.get(t)
+    if (v === undefined) throw new Error(`tensor "${t}" has no declared type in the segment`)
+    return { ...v, name: fedName(t) }
+  })
+  return {
+    ...model,
+    graph: {
+      ...graph,
+      nodes: graph.nodes.map((n) => (n.inputs.some((t) => swap.has(t)) ? { ...n, inputs: n.inputs.map((t) => swap.get(t) ?? t) } : n)),
+      inputs: [...graph.inputs, ...inputs]
+    }
+  }
+}
+
+/**
+ * The input name under which {@link feed} passes a replaced tensor.
+ *
+ * @since 0.1.0
+ */
+export const fedName = (tensor: string): string => `${tensor}::fed`
