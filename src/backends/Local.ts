@@ -1076,8 +1076,10 @@ export const start = (
         const readTensors = new Set([...events.map((e) => e.tensor), ...backForward])
         // sets whose values are known before the pass and replace a tensor on every row (a
         // zero or mean ablation, a patch from an earlier trace) are fed to one session in the
-        // tensor's place: no cut, so onnxruntime keeps its fusions and runs once
-        const fed = writes && backForward.size === 0 && !stopsOrApplies && stopped === undefined ? fedWrites(stepIndex, feeds) : undefined
+        // tensor's place: no cut, so onnxruntime keeps its fusions and runs once. Only on a
+        // first pass: the fed tensor's shape comes from a scan, which the trace's recording
+        // already made for these inputs; a generation's later steps have new shapes each
+        const fed = stepIndex === 0 && writes && backForward.size === 0 && !stopsOrApplies && stopped === undefined ? fedWrites(stepIndex, feeds) : undefined
         // a pass that only reads block borders runs as one session: onnxruntime keeps
         // its fusions across blocks, and one run costs less than a chain of them
         const whole =
