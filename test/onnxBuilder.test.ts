@@ -281,7 +281,7 @@ const buildChain = (chain: Chain): { model: Onnx.Model; feed: Value; expected: V
 describe("random chains", () => {
   // found by seed 905461964: values of different sizes once shared a symbolic dim name
   test("two casts of different shapes in one chain", async () => {
-    const step = { op: "Cast" as const, values: new Array(64).fill(0.5), k: 1, axis: 0n, start: 0n, flag: false }
+    const step = { op: "Cast" as const, values: new Array<number>(64).fill(0.5), k: 1, axis: 0n as const, start: 0n, flag: false }
     const chain: Chain = { rows: 1, cols: 1, input: new Array(12).fill(1.5), steps: [step, { ...step, op: "Concat" }, step], symbolic: true }
     const { model, feed, expected } = buildChain(chain)
     const out = await runModel(roundTrip(model), { x: new ort.Tensor("float32", feed.data, [...feed.shape]) })
