@@ -36,6 +36,7 @@ import { Tensor } from "../core/Tensor.js"
 import type * as Loaded from "../models/Loaded.js"
 import * as Onnx from "../models/Onnx.js"
 import * as Segments from "../models/Segments.js"
+import type * as Shapes from "../models/Shapes.js"
 import * as Weights from "../models/Weights.js"
 import * as Kernels from "./Kernels.js"
 import * as Scan from "./Scan.js"
@@ -177,7 +178,7 @@ const ownSessions = (sessions: Sessions.Cache, pattern: string): WritePatterns |
   return state
 }
 
-const hookKey = (ref: Graph.HookRef): string => `${ref.module}|${ref.call}|${ref.point}|${ref.index}`
+const hookKey = Scan.hookKey
 
 const wrapOrt = (t: ort.Tensor): Tensor => {
   if (t.type === "bool" || t.type === "float16") return Tensor.fromOrt(t)
@@ -195,40 +196,25 @@ const subgraphNames = (loaded: Loaded.Loaded): ReadonlySet<string> => {
 }
 const outerNamesCache = new WeakMap<Loaded.Loaded, ReadonlySet<string>>()
 
-// `at.site` is read only for an error: formatting a stack costs tens of
-// microseconds, and a long generation resolves thousands of hooks
+/** A hook reference resolved to its place in the linear order (see `Scan.hookCall`). */
 const resolveHook = (
   loaded: Loaded.Loaded,
   ref: Graph.HookRef,
   at: { readonly site: string }
 ): Effect.Effect<HookSite & { readonly step: number }, Errors.UnknownModule | Errors.ModuleIndexOutOfRange> =>
-  Effect.gen(function*() {
-    const module = loaded.tree.modules.get(ref.module)
-    if (module === undefined) {
-      const parts = ref.module.split(".")
-      return yield* new Errors.UnknownModule({
-        path: parts.slice(0, -1).join("."),
-        name: parts[parts.length - 1],
-        available: [],
-        site: at.site
-      })
+  Effect.try({
+    try: () => {
+      const { call, tensor, step } = Scan.hookCall(loaded, ref, at)
+      const depth = ref.module === "" ? 0 : ref.module.split(".").length
+      // outputs before inputs; outputs innermost first, inputs outermost first
+      const order = ref.point === "output" ? 1000 - depth : 2000 + depth
+      const position = ref.point === "input" ? call.start : call.end
+      return { key: hookKey(ref), tensor, position, order, start: call.start, end: call.end, point: ref.point, step }
+    },
+    catch: (e) => {
+      if (e instanceof Errors.UnknownModule || e instanceof Errors.ModuleIndexOutOfRange) return e
+      throw e
     }
-    // call c of a module run k times per forward pass is its call c % k in pass c / k
-    const perPass = module.calls.length
-    const call = perPass === 0 || ref.call < 0 ? undefined : module.calls[ref.call % perPass]
-    if (call === undefined) {
-      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site: at.site })
-    }
-    const stepOf = Math.floor(ref.call / perPass)
-    const list = ref.point === "input" ? call.inputs : call.outputs
-    if (ref.index < 0 || ref.index >= list.length) {
-      return yield* new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site: at.site })
-    }
-    const depth = ref.module === "" ? 0 : ref.module.split(".").length
-    const position = ref.point === "input" ? call.start : call.end
-    // outputs before inputs; outputs innermost first, inputs outermost first
-    const order = ref.point === "output" ? 1000 - depth : 2000 + depth
-    return { key: hookKey(ref), tensor: list[ref.index], position, order, start: call.start, end: call.end, point: ref.point, step: stepOf }
   })
 
 /**
@@ -1001,13 +987,13 @@ export const start = (
      * point, every row, a value known now, a tensor the graph computes and reads
      * only by name in its main body, and a shape the scan knows.
      */
-    const fedWrites = (stepIndex: number, feeds: Readonly<Record<string, Tensor>>): ReadonlyMap<string, Tensor> | undefined => {
+    const fedWrites = (
+      sets: ReadonlyArray<{ readonly node: Graph.Node & { readonly _tag: "Set" }; readonly site: HookSite }>,
+      feeds: Readonly<Record<string, Tensor>>
+    ): ReadonlyMap<string, Tensor> | undefined => {
       const out = new Map<string, Tensor>()
-      let shapes: ReadonlyMap<string, { readonly dtype: string; readonly shape: ReadonlyArray<unknown> }> | undefined
-      for (const node of nodes) {
-        if (node._tag !== "Set" || !pending.has(node.id)) continue
-        const site = hookSites.get(hookKey(node.ref))!
-        if (site.step !== stepIndex) continue
+      let shapes: ReadonlyMap<string, Shapes.Fake> | undefined
+      for (const { node, site } of sets) {
         const r = rows[node.ref.invoke]
         if (site.point !== "output" || out.has(site.tensor) || idx.graphOutputs.has(site.tensor) || !idx.producer.has(site.tensor)) return undefined
         if (invokes > 1 && !(r !== undefined && r.start === 0 && r.count === batch)) return undefined
@@ -1022,7 +1008,7 @@ export const start = (
           }
         }
         const fake = shapes.get(site.tensor)
-        if (fake === undefined || !DType.isDType(fake.dtype) || !fake.shape.every((d) => typeof d === "number")) return undefined
+        if (fake === undefined || !fake.shape.every((d) => typeof d === "number")) return undefined
         try {
           out.set(site.tensor, replaceRows(Tensor.zeros(fake.shape as ReadonlyArray<number>, fake.dtype), asTensor(value), r, batch, invokes))
         } catch {
@@ -1030,7 +1016,8 @@ export const start = (
           return undefined
         }
       }
-      if (out.size === 0 || [...subgraphNames(loaded)].some((t) => out.has(t))) return undefined
+      const outer = subgraphNames(loaded)
+      if (out.size === 0 || [...out.keys()].some((t) => outer.has(t))) return undefined
       return out
     }
 
@@ -1060,13 +1047,13 @@ export const start = (
         // cuts and events of this pass
         const cuts = new Set(loaded.canonicalCuts)
         const here = [...hookSites.values()].filter((h) => h.step === stepIndex)
-        let writes = false
+        const sets: Array<{ readonly node: Graph.Node & { readonly _tag: "Set" }; readonly site: HookSite }> = []
         const writeCuts = new Set<number>()
         for (const node of nodes) {
           if (node._tag !== "Set" || !pending.has(node.id)) continue
           const site = hookSites.get(hookKey(node.ref))!
           if (site.step !== stepIndex) continue
-          writes = true
+          sets.push({ node, site })
           for (const p of site.point === "input" ? [site.position, site.end] : [site.position]) {
             cuts.add(p)
             if (p > 0 && p < n) writeCuts.add(p)
@@ -1079,7 +1066,9 @@ export const start = (
         // tensor's place: no cut, so onnxruntime keeps its fusions and runs once. Only on a
         // first pass: the fed tensor's shape comes from a scan, which the trace's recording
         // already made for these inputs; a generation's later steps have new shapes each
-        const fed = stepIndex === 0 && writes && backForward.size === 0 && !stopsOrApplies && stopped === undefined ? fedWrites(stepIndex, feeds) : undefined
+        const writes = sets.length > 0
+        const fed = stepIndex === 0 && writes && backForward.size === 0 && !stopsOrApplies && stopped === undefined ? fedWrites(sets, feeds) : undefined
+        const fedTensors = fed === undefined ? [] : [...fed.keys()].sort()
         // a pass that only reads block borders runs as one session: onnxruntime keeps
         // its fusions across blocks, and one run costs less than a chain of them
         const whole =
@@ -1141,7 +1130,6 @@ export const start = (
           })
           const planned = plan(loaded, segStart, segEnd, extra)
           const { seg } = planned
-          const fedTensors = fed === undefined ? [] : [...fed.keys()].sort()
           const key = fedTensors.length === 0 ? planned.key : `${planned.key}|fed:${fedTensors.join(",")}`
           // canonical segments and the whole model stay; a coarse pattern's own ranges go with it
           const at = loaded.canonicalCuts.indexOf(segStart)

@@ -49,6 +49,7 @@ import * as Index from "../core/Index.js"
 import * as Ops from "../core/Ops.js"
 import { decodeItems } from "../core/Tracer.js"
 import type * as Loaded from "../models/Loaded.js"
+import type * as ModuleTree from "../models/ModuleTree.js"
 import * as Onnx from "../models/Onnx.js"
 import * as Shapes from "../models/Shapes.js"
 
@@ -491,25 +492,44 @@ interface HookSite {
   readonly point: "input" | "output"
 }
 
-const resolveHook = (loaded: Loaded.Loaded, ref: Graph.HookRef, at: { readonly site: string }): HookSite => {
+/**
+ * The module call, tensor and forward pass a hook reference names: call `c`
+ * of a module run `k` times per forward pass is its call `c % k` in pass
+ * `c / k`. Throws `Errors.UnknownModule` or `Errors.ModuleIndexOutOfRange`
+ * with the node's line (read only then: formatting a stack is not free).
+ * `Local` and the scan resolve hooks alike through it.
+ *
+ * @example
+ * Scan.hookCall(loaded, { module: "model.layers.0", call: 0, invoke: 0, point: "output", index: 0 }, node).tensor
+ *
+ * @since 0.1.0
+ */
+export const hookCall = (
+  loaded: Loaded.Loaded,
+  ref: Graph.HookRef,
+  at: { readonly site: string }
+): { readonly call: ModuleTree.Call; readonly tensor: string; readonly step: number } => {
   const module = loaded.tree.modules.get(ref.module)
   if (module === undefined) {
     const parts = ref.module.split(".")
     throw new Errors.UnknownModule({ path: parts.slice(0, -1).join("."), name: parts[parts.length - 1], available: [], site: at.site })
   }
-  // call c of a module run k times per forward pass is its call c % k in pass c / k (as Local)
   const perPass = module.calls.length
   const call = perPass === 0 || ref.call < 0 ? undefined : module.calls[ref.call % perPass]
   if (call === undefined) {
     throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: "call", index: ref.call, size: module.calls.length, site: at.site })
   }
-  const step = Math.floor(ref.call / perPass)
   const list = ref.point === "input" ? call.inputs : call.outputs
   if (ref.index < 0 || ref.index >= list.length) {
     throw new Errors.ModuleIndexOutOfRange({ path: ref.module, what: ref.point, index: ref.index, size: list.length, site: at.site })
   }
+  return { call, tensor: list[ref.index], step: Math.floor(ref.call / perPass) }
+}
+
+const resolveHook = (loaded: Loaded.Loaded, ref: Graph.HookRef, at: { readonly site: string }): HookSite => {
+  const { call, tensor, step } = hookCall(loaded, ref, at)
   const local = ref.point === "input" ? call.start : call.end
-  return { key: hookKey(ref), tensor: list[ref.index], position: step * (loaded.tree.order.length + 1) + local, step, point: ref.point }
+  return { key: hookKey(ref), tensor, position: step * (loaded.tree.order.length + 1) + local, step, point: ref.point }
 }
 
 const toTraceError = (site: string, e: unknown): Errors.TraceError => {

@@ -73,7 +73,6 @@ import { Rpc, RpcSerialization } from "effect/rpc"
 import { SqlClient } from "effect/sql"
 import * as Graph from "../core/Graph.js"
 import type { Tensor } from "../core/Tensor.js"
-import type * as Values from "../backends/Values.js"
 import * as Protocol from "./Protocol.js"
 import * as Server from "./Server.js"
 
@@ -220,9 +219,6 @@ const encodeEvent = Schema.encodeSync(Protocol.JobEvent)
 const decodeEvent = Schema.decodeUnknownSync(Protocol.JobEvent)
 const encodeError = Schema.encodeSync(Protocol.JobError)
 const decodeError = Schema.decodeUnknownSync(Protocol.JobError)
-
-const resultBytes = (r: Protocol.JobResult): number =>
-  r.values.reduce((a, v) => a + Protocol.valueBytes(v.value as Values.Val), 0) + (r.tokens === undefined ? 0 : Protocol.valueBytes(r.tokens))
 
 interface JobRow {
   readonly id: string
@@ -456,7 +452,7 @@ const makeStore = (prefix: string) =>
               WHERE id = ${id} AND claim = ${claimId} AND state = 'running' RETURNING started_at`
             if (rows.length === 0) return false
             const startedAt = rows[0].started_at === null ? now : Number(rows[0].started_at)
-            yield* appendEvents([event(id, { _tag: "Completed", elapsedMs: now - startedAt, resultBytes: resultBytes(result) })])
+            yield* appendEvents([event(id, { _tag: "Completed", elapsedMs: now - startedAt, resultBytes: Protocol.resultBytes(result) })])
             return true
           })
         )

@@ -825,6 +825,17 @@ export const valueBytes = (v: Values.Val): number => {
 }
 
 /**
+ * Bytes of the tensors a result holds (its values and tokens).
+ *
+ * @example
+ * Protocol.resultBytes({ values: [{ id: 1, value: Tensor.zeros([2]) }], unavailable: [] }) // 8
+ *
+ * @since 0.1.0
+ */
+export const resultBytes = (r: JobResult): number =>
+  r.values.reduce((a, v) => a + valueBytes(v.value as Values.Val), 0) + (r.tokens === undefined ? 0 : valueBytes(r.tokens))
+
+/**
  * The response body of `GET /v1/jobs/:id/result`: a tensor container (the
  * values' tensors, the tokens as `tokens`, the rest as JSON in
  * `__metadata__.result`).

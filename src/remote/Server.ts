@@ -496,9 +496,6 @@ const toResult = (outcome: Local.Outcome, tokens?: Tensor): Protocol.JobResult =
   ...(tokens === undefined ? {} : { tokens })
 })
 
-const savedBytes = (r: Protocol.JobResult): number =>
-  r.values.reduce((a, v) => a + Protocol.valueBytes(v.value as Values.Val), 0) + (r.tokens === undefined ? 0 : Protocol.valueBytes(r.tokens))
-
 /**
  * The job error a failed run's cause reports: its trace error or limit,
  * else an internal error.
@@ -537,7 +534,7 @@ const runOne = (hosted: Hosted, spec: JobSpec, report: (e: Protocol.JobEvent) =>
     Effect.exit,
     Effect.map((exit): JobOutcome => {
       if (Exit.isSuccess(exit)) {
-        const bytes = savedBytes(exit.value)
+        const bytes = Protocol.resultBytes(exit.value)
         if (bytes > spec.limits.savedBytes) {
           return { _tag: "Failed", error: new Protocol.LimitExceeded({ limit: "savedBytes", value: bytes, max: spec.limits.savedBytes }) }
         }
@@ -680,7 +677,7 @@ export const runGroup = (
       for (const [id, v] of outcome.values) if (id >= offset && id < offset + size) values.set(id - offset, v)
       for (const [id, e] of outcome.unavailable) if (id >= offset && id < offset + size) unavailable.set(id - offset, e)
       const result = toResult({ values, unavailable })
-      const bytes = savedBytes(result)
+      const bytes = Protocol.resultBytes(result)
       if (bytes > s.limits.savedBytes) {
         return { _tag: "Failed", error: new Protocol.LimitExceeded({ limit: "savedBytes", value: bytes, max: s.limits.savedBytes }) }
       }
@@ -768,7 +765,7 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
             j.state = "completed"
             j.result = outcome.result
             stats.completed++
-            emit(j, { _tag: "Completed", elapsedMs: j.finishedAt - (j.startedAt ?? j.submittedAt), resultBytes: savedBytes(outcome.result) })
+            emit(j, { _tag: "Completed", elapsedMs: j.finishedAt - (j.startedAt ?? j.submittedAt), resultBytes: Protocol.resultBytes(outcome.result) })
           } else {
             const error = outcome._tag === "Cancelled" ? new Protocol.JobCancelled({ id: j.id }) : outcome.error
             j.state = outcome._tag === "Cancelled" ? "cancelled" : "failed"
@@ -974,7 +971,7 @@ const batchedHooks = (hosted: Hosted, feeds: Readonly<Record<string, Tensor>>, g
   const entries = Object.entries(feeds)
   if (entries.length === 0 || entries.some(([, t]) => t.shape.length === 0 || t.shape[0] !== batch)) return false
   const sym = Shapes.symbol("nnsight_batch")
-  const signature = entries.map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(1).join("x")}`).sort().join(";")
+  const signature = feedsKey(feeds, 1)
   let perHook = batchedCache.get(hosted.runtime.loaded)?.get(signature)
   if (perHook === undefined) {
     const fakes = Scan.forward(hosted.runtime.loaded, Object.fromEntries(entries.map(([n, t]) => [n, { dtype: t.dtype, shape: [sym, ...t.shape.slice(1)] }])))
@@ -1029,12 +1026,15 @@ const remember = (hosted: Hosted, key: string, a: Admitted) => {
   byModel.set(key, a)
 }
 
-/** Jobs whose feeds agree on all but the batch size may share a forward pass. */
-const coBatchKeyOf = (feeds: Readonly<Record<string, Tensor>>): string =>
+/** The feeds' names, dtypes and shapes from axis `from` on. */
+const feedsKey = (feeds: Readonly<Record<string, Tensor>>, from: number): string =>
   Object.entries(feeds)
-    .map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(1).join("x")}`)
+    .map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(from).join("x")}`)
     .sort()
     .join(";")
+
+/** Jobs whose feeds agree on all but the batch size may share a forward pass. */
+const coBatchKeyOf = (feeds: Readonly<Record<string, Tensor>>): string => feedsKey(feeds, 1)
 
 const fakeBytes = (f: Scan.Value | undefined): number | undefined => {
   if (f === undefined) return undefined
@@ -1129,9 +1129,7 @@ export const admit = (
     // what follows depends only on the graph's structure, the inputs' shapes and the model:
     // a client that runs one experiment over many prompts is checked once (failures are
     // not remembered, so each names its own lines)
-    const shapeKey = request.kind !== "trace" ? undefined : `${request.isolated === true}|${JSON.stringify(rows)}|${
-      Object.entries(feeds).map(([n, t]) => `${n}:${t.dtype}:${t.shape.join("x")}`).sort().join(";")
-    }|${graphHash(graph)}`
+    const shapeKey = request.kind !== "trace" ? undefined : `${request.isolated === true}|${JSON.stringify(rows)}|${feedsKey(feeds, 0)}|${graphHash(graph)}`
     // the key's limits, then the job (co-batched when its graph and feeds allow)
     const accept = (a: Admitted | undefined) =>
       Effect.gen(function*() {
