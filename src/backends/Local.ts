@@ -923,11 +923,14 @@ export const start = (
     }
 
     const pending = new Set(nodes.map((nd) => nd.id).filter((id) => !done.has(id)))
-    // hooks of later passes cannot run yet: they wait aside, so a long
-    // generation does not rescan every step's hooks at every event
+    // hooks of later passes cannot run yet, nor what is computed from them: they
+    // wait aside, so a long generation does not rescan every step's nodes at every event
     const passOf = new Map<number, number>()
     for (const nd of nodes) {
-      if (nd._tag === "Hook" || nd._tag === "Set") passOf.set(nd.id, hookSites.get(hookKey(nd.ref))!.step)
+      let p = nd._tag === "Hook" || nd._tag === "Set" ? hookSites.get(hookKey(nd.ref))!.step : 0
+      for (const d of Graph.dependencies(nd)) p = Math.max(p, passOf.get(d) ?? 0)
+      for (const d of after.get(nd.id) ?? []) p = Math.max(p, passOf.get(d) ?? 0)
+      if (p > 0) passOf.set(nd.id, p)
     }
     let currentPass = 0
     const later = new Map<number, Array<number>>()
