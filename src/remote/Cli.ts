@@ -225,15 +225,7 @@ const serve = Command.make(
     Effect.gen(function*() {
       if (Option.isSome(flags.database) && flags.database.value.trim() !== "") return yield* serveCluster(flags, flags.database.value)
       const keys = yield* keysOf(flags)
-      const specs = flags.models.map(parseModel)
-      const loaded = yield* Effect.acquireRelease(
-        Effect.promise(async () => {
-          const out: Array<{ key: string; model: TracedModel<any> }> = []
-          for (const s of specs) out.push({ key: s.key, model: await loadModel(s.source) })
-          return out
-        }),
-        (ms) => Effect.promise(() => Promise.all(ms.map((m) => m.model.close())).then(() => undefined))
-      )
+      const loaded = yield* loadModels(flags.models)
       const context = yield* Layer.build(Server.layer({ ...httpOptionsOf(flags), models: loaded, keys }))
       const address = Context.get(context, HttpServer.HttpServer).address
       const port = address._tag === "UnixPathAddress" ? 0 : address.port
