@@ -5,10 +5,13 @@
  * request on its own forward pass and one that co-batches concurrent
  * requests. Every result is checked against a local run. The server runs in
  * its own process (`nnsight-ts serve`), as it would for remote users; the
- * clients share this one. Before timing, every kind of request runs once on
- * each server, then one untimed round of the concurrent load (a co-batching
- * server makes a session for each mix of graphs that shares a pass), so
- * neither pays for its first sessions in the timed part.
+ * clients share this one. What is measured is a server that has been
+ * running a while: before timing, every kind of request runs once on each
+ * server, then several untimed rounds of the concurrent load (measured: a
+ * fresh server's rounds get faster for the first six or so, a co-batching
+ * one's from 0.7 s to 0.3 s of CPU, as the JIT and onnxruntime's buffers
+ * warm up for each batch size, and it makes a session for each mix of
+ * graphs that shares a pass).
  *
  *     npx tsx bench/cobatch.ts      # prints one JSON line
  */
@@ -65,10 +68,13 @@ interface Round {
  * alternating rounds (a shared machine's slow stretches hit both alike);
  * the throughput ratio is the median of the rounds' ratios.
  */
-export const measure = async (options: { readonly clients?: number; readonly requests?: number; readonly rounds?: number } = {}) => {
+export const measure = async (
+  options: { readonly clients?: number; readonly requests?: number; readonly rounds?: number; readonly warmRounds?: number } = {}
+) => {
   const clients = options.clients ?? 32
   const requests = options.requests ?? 10
-  const rounds = options.rounds ?? 3
+  const rounds = options.rounds ?? 5
+  const warmRounds = options.warmRounds ?? 6
   const lm = await LanguageModel.load(defaultModelDir)
   const cases = await loadCases(lm)
   const open = async (coBatch: boolean) => {
@@ -113,7 +119,7 @@ export const measure = async (options: { readonly clients?: number; readonly req
     }
     try {
       for (const c of cases) await Effect.runPromise(backend.execute({ runtime: lm.runtime, ...c }))
-      await load(requests)
+      for (let k = 0; k < warmRounds; k++) await load(requests)
     } catch (e) {
       server.stop()
       throw e
@@ -136,6 +142,7 @@ export const measure = async (options: { readonly clients?: number; readonly req
     return {
       clients,
       requests,
+      warm_rounds: warmRounds,
       sequential_s: mid(seq, (r) => r.seconds),
       cobatched_s: mid(cob, (r) => r.seconds),
       throughput_x: median(seq.map((r, k) => r.seconds / cob[k].seconds)),
