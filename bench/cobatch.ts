@@ -7,11 +7,10 @@
  * its own process (`nnsight-ts serve`), as it would for remote users; the
  * clients share this one. What is measured is a server that has been
  * running a while: before timing, every kind of request runs once on each
- * server, then several untimed rounds of the concurrent load (measured: a
- * fresh server's rounds get faster for the first six or so, a co-batching
- * one's from 0.7 s to 0.3 s of CPU, as the JIT and onnxruntime's buffers
- * warm up for each batch size, and it makes a session for each mix of
- * graphs that shares a pass).
+ * server, then several untimed rounds of the concurrent load. Measured: a
+ * fresh server's rounds keep getting faster for about six rounds (a
+ * co-batching one's CPU per round fell from 0.7 s to 0.3 s), though it makes
+ * no new session after the first round.
  *
  *     npx tsx bench/cobatch.ts      # prints one JSON line
  */
