@@ -994,33 +994,36 @@ export const start = (
       sets: ReadonlyArray<{ readonly node: Graph.Node & { readonly _tag: "Set" }; readonly site: HookSite }>,
       feeds: Readonly<Record<string, Tensor>>
     ): ReadonlyMap<string, Tensor> | undefined => {
-      const out = new Map<string, Tensor>()
-      let shapes: ReadonlyMap<string, Shapes.Fake> | undefined
+      // every set is checked before any value is made: one that cannot be fed means none is
+      const tensors = new Set<string>()
       for (const { node, site } of sets) {
         const r = rows[node.ref.invoke]
-        if (site.point !== "output" || out.has(site.tensor) || idx.graphOutputs.has(site.tensor) || !idx.producer.has(site.tensor)) return undefined
+        if (site.point !== "output" || tensors.has(site.tensor) || idx.graphOutputs.has(site.tensor) || !idx.producer.has(site.tensor)) return undefined
         if (invokes > 1 && !(r !== undefined && r.start === 0 && r.count === batch)) return undefined
         if (guard.has(node.id) || !(done.has(node.value) && values.has(node.value))) return undefined
         const value = values.get(node.value)
         if (!(value instanceof Tensor || typeof value === "number" || typeof value === "boolean")) return undefined
-        if (shapes === undefined) {
-          try {
-            shapes = Scan.forward(loaded, feeds)
-          } catch {
-            return undefined
-          }
-        }
+        tensors.add(site.tensor)
+      }
+      const outer = subgraphNames(loaded)
+      if (tensors.size === 0 || [...tensors].some((t) => outer.has(t))) return undefined
+      let shapes: ReadonlyMap<string, Shapes.Fake>
+      try {
+        shapes = Scan.forward(loaded, feeds)
+      } catch {
+        return undefined
+      }
+      const out = new Map<string, Tensor>()
+      for (const { node, site } of sets) {
         const fake = shapes.get(site.tensor)
         if (fake === undefined || !fake.shape.every((d) => typeof d === "number")) return undefined
         try {
-          out.set(site.tensor, replaceRows(Tensor.zeros(fake.shape as ReadonlyArray<number>, fake.dtype), asTensor(value), r, batch, invokes))
+          out.set(site.tensor, replaceRows(Tensor.zeros(fake.shape as ReadonlyArray<number>, fake.dtype), asTensor(values.get(node.value)!), rows[node.ref.invoke], batch, invokes))
         } catch {
           // the set itself reports its error, with the user's line, when it runs
           return undefined
         }
       }
-      const outer = subgraphNames(loaded)
-      if (out.size === 0 || [...out.keys()].some((t) => outer.has(t))) return undefined
       return out
     }
 
