@@ -185,17 +185,6 @@ const wrapOrt = (t: ort.Tensor): Tensor => {
   return new Tensor(t.type as DType.DType, [...t.dims], t.data as DType.TypedData)
 }
 
-/** Tensors that subgraphs (If/Loop bodies) read by their outer names. */
-const subgraphNames = (loaded: Loaded.Loaded): ReadonlySet<string> => {
-  let names = outerNamesCache.get(loaded)
-  if (names === undefined) {
-    names = new Set(loaded.model.graph.nodes.flatMap((node) => [...Onnx.outerNames(node)]))
-    outerNamesCache.set(loaded, names)
-  }
-  return names
-}
-const outerNamesCache = new WeakMap<Loaded.Loaded, ReadonlySet<string>>()
-
 /** A hook reference resolved to its place in the linear order (see `Scan.hookCall`). */
 const resolveHook = (
   loaded: Loaded.Loaded,
@@ -1005,8 +994,7 @@ export const start = (
         if (!(value instanceof Tensor || typeof value === "number" || typeof value === "boolean")) return undefined
         tensors.add(site.tensor)
       }
-      const outer = subgraphNames(loaded)
-      if (tensors.size === 0 || [...tensors].some((t) => outer.has(t))) return undefined
+      if (tensors.size === 0 || [...tensors].some((t) => idx.subgraphReads.has(t))) return undefined
       let shapes: ReadonlyMap<string, Shapes.Fake>
       try {
         shapes = Scan.forward(loaded, feeds)

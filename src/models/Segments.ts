@@ -50,6 +50,8 @@ export interface Index {
   readonly lastUse: ReadonlyMap<string, number>
   readonly initializers: ReadonlySet<string>
   readonly graphOutputs: ReadonlySet<string>
+  /** Tensors that subgraphs (If/Loop bodies) read by their outer names. */
+  readonly subgraphReads: ReadonlySet<string>
   readonly types: ReadonlyMap<string, number>
   /** Known (possibly symbolic) shapes of tensors, declared on segment borders. */
   readonly shapes: Map<string, ReadonlyArray<Onnx.DimLike>>
@@ -69,6 +71,7 @@ export const index = (model: Onnx.Model, order: ReadonlyArray<number>): Index =>
   order.forEach((n, p) => (position[n] = p))
   const producer = new Map<string, number>()
   const lastUse = new Map<string, number>()
+  const subgraphReads = new Set<string>()
   graph.nodes.forEach((node, i) => {
     for (const o of node.outputs) if (o !== "") producer.set(o, i)
     for (const t of node.inputs) {
@@ -76,7 +79,10 @@ export const index = (model: Onnx.Model, order: ReadonlyArray<number>): Index =>
       lastUse.set(t, Math.max(lastUse.get(t) ?? -1, position[i]))
     }
     // Subgraphs (If/Loop bodies) may use outer tensors by name.
-    for (const name of Onnx.outerNames(node)) lastUse.set(name, Math.max(lastUse.get(name) ?? -1, position[i]))
+    for (const name of Onnx.outerNames(node)) {
+      lastUse.set(name, Math.max(lastUse.get(name) ?? -1, position[i]))
+      subgraphReads.add(name)
+    }
   })
   return {
     model,
@@ -86,6 +92,7 @@ export const index = (model: Onnx.Model, order: ReadonlyArray<number>): Index =>
     lastUse,
     initializers: new Set(graph.initializers.map((t) => t.name)),
     graphOutputs: new Set(graph.outputs.map((o) => o.name)),
+    subgraphReads,
     types: ElemTypes.infer(graph),
     shapes: new Map()
   }

@@ -972,32 +972,48 @@ const batchedHooks = (hosted: Hosted, feeds: Readonly<Record<string, Tensor>>, g
   if (entries.length === 0 || entries.some(([, t]) => t.shape.length === 0 || t.shape[0] !== batch)) return false
   const sym = Shapes.symbol("nnsight_batch")
   const signature = feedsKey(feeds, 1)
-  let perHook = batchedCache.get(hosted.runtime.loaded)?.get(signature)
+  let perHook = batchedCache.get(hosted, signature)
   if (perHook === undefined) {
     const fakes = Scan.forward(hosted.runtime.loaded, Object.fromEntries(entries.map(([n, t]) => [n, { dtype: t.dtype, shape: [sym, ...t.shape.slice(1)] }])))
     const mods = Scan.modules(hosted.runtime.loaded, fakes)
-    perHook = new Map()
+    const made = new Map<string, boolean>()
     for (const [path, calls] of mods) {
-      calls.forEach((c, k) => {
-        c.inputs.forEach((f, i) => perHook!.set(`${path}|${k}|input|${i}`, f.shape.length > 0 && Shapes.dimEquals(f.shape[0], sym)))
-        c.outputs.forEach((f, i) => perHook!.set(`${path}|${k}|output|${i}`, f.shape.length > 0 && Shapes.dimEquals(f.shape[0], sym)))
+      calls.forEach((c, call) => {
+        const batched = (point: "input" | "output") => (f: Shapes.Fake, index: number) =>
+          made.set(Scan.hookKey({ module: path, call, point, index }), f.shape.length > 0 && Shapes.dimEquals(f.shape[0], sym))
+        c.inputs.forEach(batched("input"))
+        c.outputs.forEach(batched("output"))
       })
     }
-    let byModel = batchedCache.get(hosted.runtime.loaded)
-    if (byModel === undefined) batchedCache.set(hosted.runtime.loaded, (byModel = new Map()))
-    if (byModel.size > 32) byModel.clear()
-    byModel.set(signature, perHook)
+    batchedCache.set(hosted, signature, (perHook = made))
   }
   for (const n of graph.nodes) {
     if (n._tag !== "Hook" && n._tag !== "Set") continue
     const calls = hosted.runtime.loaded.tree.modules.get(n.ref.module)?.calls.length ?? 0
     if (calls === 0 || n.ref.call >= calls) return false
-    if (perHook.get(`${n.ref.module}|${n.ref.call}|${n.ref.point}|${n.ref.index}`) !== true) return false
+    if (perHook.get(Scan.hookKey(n.ref)) !== true) return false
   }
   return true
 }
 
-const batchedCache = new WeakMap<object, Map<string, Map<string, boolean>>>()
+/**
+ * A memo per hosted model, cleared when it holds `bound` entries: a server
+ * sees few distinct experiments and input shapes at a time.
+ */
+const perModel = <A>(bound: number) => {
+  const byModel = new WeakMap<object, Map<string, A>>()
+  return {
+    get: (hosted: Hosted, key: string): A | undefined => byModel.get(hosted.runtime.loaded)?.get(key),
+    set: (hosted: Hosted, key: string, a: A) => {
+      let m = byModel.get(hosted.runtime.loaded)
+      if (m === undefined) byModel.set(hosted.runtime.loaded, (m = new Map()))
+      if (m.size >= bound) m.clear()
+      m.set(key, a)
+    }
+  }
+}
+
+const batchedCache = perModel<ReadonlyMap<string, boolean>>(32)
 
 /** What admission learned of a graph at given input shapes (see {@link admit}). */
 interface Admitted {
@@ -1006,7 +1022,7 @@ interface Admitted {
   readonly eligible: boolean
 }
 
-const admitted = new WeakMap<object, Map<string, Admitted>>()
+const admitted = perModel<Admitted>(1024)
 
 // a request text seen again decodes to the same graph (Protocol's cache): hash it once
 const hashes = new WeakMap<Graph.Graph, string>()
@@ -1014,16 +1030,6 @@ const graphHash = (graph: Graph.Graph): string => {
   let h = hashes.get(graph)
   if (h === undefined) hashes.set(graph, (h = Graph.hash(graph)))
   return h
-}
-
-const admittedCache = (hosted: Hosted): ReadonlyMap<string, Admitted> => admitted.get(hosted.runtime.loaded) ?? new Map()
-
-const remember = (hosted: Hosted, key: string, a: Admitted) => {
-  let byModel = admitted.get(hosted.runtime.loaded)
-  if (byModel === undefined) admitted.set(hosted.runtime.loaded, (byModel = new Map()))
-  // bounded: a server sees few distinct experiments at a time
-  if (byModel.size >= 1024) byModel.clear()
-  byModel.set(key, a)
 }
 
 /** The feeds' names, dtypes and shapes from axis `from` on. */
@@ -1152,7 +1158,7 @@ export const admit = (
         }
         return spec
       })
-    const known = shapeKey === undefined ? undefined : admittedCache(hosted).get(shapeKey)
+    const known = shapeKey === undefined ? undefined : admitted.get(hosted, shapeKey)
     if (known !== undefined) return yield* accept(known)
 
     // hooks and modules resolve as a local run resolves them
@@ -1186,7 +1192,7 @@ export const admit = (
           }
         }
         const learned = { estimate, largest, eligible }
-        if (shapeKey !== undefined) remember(hosted, shapeKey, learned)
+        if (shapeKey !== undefined) admitted.set(hosted, shapeKey, learned)
         return yield* accept(learned)
       }
     }
@@ -1237,20 +1243,20 @@ export const apiLayer = (options: HttpOptions = {}) => {
     Effect.gen(function*() {
       const registry = yield* Registry
       const queue = yield* JobQueue
+      // admitted for the caller's key, then queued (a refusal counts as rejected)
+      const submit = (payload: Protocol.Submission) =>
+        Effect.gen(function*() {
+          const key = yield* Protocol.CurrentKey
+          const spec = yield* admit(payload, key, registry, coBatch).pipe(Effect.tapError(() => queue.rejected))
+          return { key, status: yield* queue.submit(spec) }
+        })
       return handlers
         .handle("models", () => Effect.succeed(registry.list.map((h) => h.info)))
         .handle("stats", () => queue.stats)
-        .handle("submit", ({ payload }) =>
-          Effect.gen(function*() {
-            const key = yield* Protocol.CurrentKey
-            const spec = yield* admit(payload, key, registry, coBatch).pipe(Effect.tapError(() => queue.rejected))
-            return yield* queue.submit(spec)
-          }))
+        .handle("submit", ({ payload }) => Effect.map(submit(payload), ({ status }) => status))
         .handle("run", ({ payload }) =>
           Effect.gen(function*() {
-            const key = yield* Protocol.CurrentKey
-            const spec = yield* admit(payload, key, registry, coBatch).pipe(Effect.tapError(() => queue.rejected))
-            const { id } = yield* queue.submit(spec)
+            const { key, status: { id } } = yield* submit(payload)
             // a caller that hangs up no longer wants the job
             yield* Effect.addFinalizer((exit) => Exit.hasInterrupts(exit) ? Effect.ignore(queue.cancel(key.id, id)) : Effect.void)
             // the job's own events say when it ends; its log lines travel in the result
