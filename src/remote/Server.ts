@@ -58,6 +58,7 @@ import { LanguageModel } from "../models/LanguageModel.js"
 import type { TracedModel } from "../models/NNsight.js"
 import * as Shapes from "../models/Shapes.js"
 import * as Protocol from "./Protocol.js"
+import * as Stacking from "./Stacking.js"
 
 // ---------------------------------------------------------------------------
 // API keys
@@ -459,7 +460,14 @@ const nextTurn = Effect.callback<void>((resume) => {
   return Effect.sync(() => clearImmediate(t))
 })
 
-const allNodes = (graph: Graph.Graph) => Graph.flatten(graph.nodes)
+// a request text seen again decodes to the same graph (Protocol's cache): what
+// admission and the queue read of a graph is computed once per graph object
+const flattened = new WeakMap<Graph.Graph, ReadonlyArray<Graph.Node>>()
+const allNodes = (graph: Graph.Graph): ReadonlyArray<Graph.Node> => {
+  let nodes = flattened.get(graph)
+  if (nodes === undefined) flattened.set(graph, (nodes = Graph.flatten(graph.nodes)))
+  return nodes
+}
 
 const formatLog = (args: ReadonlyArray<unknown>): string =>
   args
@@ -642,10 +650,66 @@ const concat0 = (parts: ReadonlyArray<Tensor>): Tensor => {
 }
 
 /**
+ * Co-batched jobs of one graph, stacked into one invoke over all their rows
+ * where the graph keeps rows apart (see {@link Stacking}); every other job
+ * on its own.
+ */
+interface Stack {
+  readonly spec: JobSpec
+  /** The jobs (indices into the group) it runs. */
+  readonly jobs: ReadonlyArray<number>
+  /** Set when it stacks several jobs: the values that hold rows, and each job's rows. */
+  readonly stacked?: { readonly rows: ReadonlySet<number>; readonly members: ReadonlyArray<Stacking.Member> }
+}
+
+/** The values of a one-invoke trace job's graph that hold its rows, and the key of the jobs it can stack with; unset: it cannot stack. */
+const stackRows = (hosted: Hosted, s: JobSpec): { readonly key: string; readonly rows: ReadonlySet<number> } | undefined => {
+  if (s.kind !== "trace" || s.graph.invokes !== 1 || s.rows.length !== 1) return undefined
+  const key = `${graphHash(s.graph)}|${feedsKey(s.feeds, 1)}`
+  let rows = stackable.get(hosted, key)
+  if (rows === undefined) {
+    try {
+      const batch = batchOf(s.rows)
+      const scanned = batchedHooks(hosted, s.feeds, s.graph, batch)
+        ? Scan.run(hosted.runtime.loaded, { graph: s.graph, inputs: s.feeds, rows: s.rows })
+        : undefined
+      rows = (scanned && Stacking.rowwise(s.graph, scanned.values, scanned.hooks)) ?? null
+    } catch {
+      rows = null
+    }
+    stackable.set(hosted, key, rows)
+  }
+  return rows === null ? undefined : { key, rows }
+}
+
+const stacks = (hosted: Hosted, specs: ReadonlyArray<JobSpec>): ReadonlyArray<Stack> => {
+  const byKey = new Map<string, { readonly jobs: Array<number>; readonly rows: ReadonlySet<number> }>()
+  const order: Array<{ readonly jobs: Array<number>; readonly rows?: ReadonlySet<number> }> = []
+  specs.forEach((s, k) => {
+    const st = stackRows(hosted, s)
+    const known = st === undefined ? undefined : byKey.get(st.key)
+    if (known !== undefined) return known.jobs.push(k)
+    const entry = { jobs: [k], rows: st?.rows }
+    order.push(entry)
+    if (st !== undefined) byKey.set(st.key, { jobs: entry.jobs, rows: st.rows })
+  })
+  return order.map(({ jobs, rows }): Stack => {
+    if (jobs.length === 1 || rows === undefined) return { spec: specs[jobs[0]], jobs }
+    const parts = jobs.map((k) => specs[k])
+    const feeds: Record<string, Tensor> = {}
+    for (const name of Object.keys(parts[0].feeds)) feeds[name] = concat0(parts.map((s) => s.feeds[name]))
+    const members = Stacking.members(parts.map((s) => batchOf(s.rows)))
+    const total = members.reduce((a, m) => a + m.count, 0)
+    return { spec: { ...parts[0], feeds, rows: [{ start: 0, count: total }] }, jobs, stacked: { rows, members } }
+  })
+}
+
+/**
  * Runs a group of jobs of one model: one job on its own pass; several
  * co-batchable trace jobs on one merged pass, split back per job (and, if
  * the merged pass fails, each job again on its own, so errors stay with
- * the job that caused them).
+ * the job that caused them). Jobs of one graph that keeps rows apart share
+ * one invoke in the merged pass.
  *
  * @since 0.1.0
  */
@@ -657,9 +721,12 @@ export const runGroup = (
   Effect.gen(function*() {
     const alone = Effect.forEach(specs, (s, k) => runOne(hosted, s, (e) => hooks.event(k, e)))
     if (specs.length === 1) return yield* alone
-    const merged = yield* Effect.sync(() => merge(specs)).pipe(Effect.exit)
+    const merged = yield* Effect.sync(() => {
+      const parts = stacks(hosted, specs)
+      return { parts, ...merge(parts.map((p) => p.spec)) }
+    }).pipe(Effect.exit)
     if (Exit.isFailure(merged)) return yield* alone
-    const { graph, feeds, rows, ranges } = merged.value
+    const { parts, graph, feeds, rows, ranges } = merged.value
     const limits: Protocol.Limits = {
       ...specs[0].limits,
       wallTimeMs: Math.min(...specs.map((s) => s.limits.wallTimeMs))
@@ -670,19 +737,23 @@ export const runGroup = (
     ).pipe(Effect.exit)
     if (Exit.isFailure(exit)) return yield* alone
     const outcome = exit.value
-    return specs.map((s, k): JobOutcome => {
-      const { offset, size } = ranges[k]
+    const outcomes = new Array<JobOutcome>(specs.length)
+    parts.forEach((part, g) => {
+      const { offset, size } = ranges[g]
       const values = new Map<number, Values.Val>()
       const unavailable = new Map<number, Errors.Unavailable>()
       for (const [id, v] of outcome.values) if (id >= offset && id < offset + size) values.set(id - offset, v)
       for (const [id, e] of outcome.unavailable) if (id >= offset && id < offset + size) unavailable.set(id - offset, e)
-      const result = toResult({ values, unavailable })
-      const bytes = Protocol.resultBytes(result)
-      if (bytes > s.limits.savedBytes) {
-        return { _tag: "Failed", error: new Protocol.LimitExceeded({ limit: "savedBytes", value: bytes, max: s.limits.savedBytes }) }
-      }
-      return { _tag: "Done", result }
+      const own = { values, unavailable }
+      part.jobs.forEach((k, m) => {
+        const result = toResult(part.stacked === undefined ? own : Stacking.split(own, part.stacked.rows, part.stacked.members[m]))
+        const bytes = Protocol.resultBytes(result)
+        outcomes[k] = bytes > specs[k].limits.savedBytes
+          ? { _tag: "Failed", error: new Protocol.LimitExceeded({ limit: "savedBytes", value: bytes, max: specs[k].limits.savedBytes }) }
+          : { _tag: "Done", result }
+      })
     })
+    return outcomes
   })
 
 /**
@@ -931,6 +1002,16 @@ const bad = (reason: string, issues: ReadonlyArray<string> = []) => new Protocol
 
 /** Structural checks a decoded graph must pass before anything looks at it. */
 const checkGraph = (graph: Graph.Graph, session: boolean): string | undefined => {
+  const known = checked.get(graph)
+  if (known !== undefined && known.session === session) return known.problem
+  const problem = findProblem(graph, session)
+  checked.set(graph, { session, problem })
+  return problem
+}
+
+const checked = new WeakMap<Graph.Graph, { readonly session: boolean; readonly problem: string | undefined }>()
+
+const findProblem = (graph: Graph.Graph, session: boolean): string | undefined => {
   if (session ? graph.invokes !== 0 : !Number.isSafeInteger(graph.invokes) || graph.invokes < 1 || graph.invokes > 4096) {
     return session ? "a session graph has no invokes of its own" : `invokes must be an integer in 1..4096, got ${graph.invokes}`
   }
@@ -1015,6 +1096,9 @@ const perModel = <A>(bound: number) => {
 
 const batchedCache = perModel<ReadonlyMap<string, boolean>>(32)
 
+/** What {@link stackRows} learned of a graph at given row shapes (`null`: its jobs cannot stack). */
+const stackable = perModel<ReadonlySet<number> | null>(256)
+
 /** What admission learned of a graph at given input shapes (see {@link admit}). */
 interface Admitted {
   readonly estimate: number
@@ -1024,7 +1108,6 @@ interface Admitted {
 
 const admitted = perModel<Admitted>(1024)
 
-// a request text seen again decodes to the same graph (Protocol's cache): hash it once
 const hashes = new WeakMap<Graph.Graph, string>()
 const graphHash = (graph: Graph.Graph): string => {
   let h = hashes.get(graph)
@@ -1032,12 +1115,18 @@ const graphHash = (graph: Graph.Graph): string => {
   return h
 }
 
-/** The feeds' names, dtypes and shapes from axis `from` on. */
-const feedsKey = (feeds: Readonly<Record<string, Tensor>>, from: number): string =>
-  Object.entries(feeds)
+/** The feeds' names, dtypes and shapes from axis `from` (0 or 1) on. */
+const feedsKey = (feeds: Readonly<Record<string, Tensor>>, from: 0 | 1): string => {
+  // admission, the queue and stacking each ask, of every job's feeds
+  let keys = feedsKeys.get(feeds)
+  if (keys === undefined) feedsKeys.set(feeds, (keys = [undefined, undefined]))
+  return (keys[from] ??= Object.entries(feeds)
     .map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(from).join("x")}`)
     .sort()
-    .join(";")
+    .join(";"))
+}
+
+const feedsKeys = new WeakMap<object, [string | undefined, string | undefined]>()
 
 /** Jobs whose feeds agree on all but the batch size may share a forward pass. */
 const coBatchKeyOf = (feeds: Readonly<Record<string, Tensor>>): string => feedsKey(feeds, 1)
