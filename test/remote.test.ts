@@ -22,7 +22,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { fc } from "@fast-check/vitest"
-import { Cause, Effect, Exit } from "effect"
+import { Cause, Effect, Exit, Schema } from "effect"
 import { Backend, type Envoy, Errors, Graph, LanguageModel, NNsight, Tensor } from "../src/index.js"
 import * as Generate from "../src/backends/Generate.js"
 import type * as Local from "../src/backends/Local.js"
@@ -447,7 +447,44 @@ describe("cancellation", () => {
     if (status.state === "cancelled") await expect(last.result()).rejects.toBeInstanceOf(Protocol.JobCancelled)
     for (const j of jobs.slice(0, -1)) await j.result()
   })
+
+  it("a one-round-trip run whose caller hangs up while it is queued is cancelled, not run", async () => {
+    const options = { url: server.url, apiKey: ALICE }
+    const { graph } = lm.record(prompt, (m) => m.lm_head.output)
+    const slow = graph
+    const before = await server.stats()
+    // a backlog that keeps the run queued
+    const backlog = await Promise.all(
+      Array.from({ length: 8 }, () =>
+        Remote.submit(options, { kind: "generate", runtime: lm.runtime, graph: slow, prompts: [prompt], generate: { maxNewTokens: 40 } }))
+    )
+    const body = await Effect.runPromise(
+      Schema.encodeEffect(Protocol.SubmissionBody)({
+        request: { model: "stories260K", kind: "trace", graph, inputs: { _tag: "Prompts", prompts: [prompt] } },
+        feeds: {}
+      })
+    )
+    const hangUp = new AbortController()
+    const run = fetch(`${server.url}/v1/jobs/run`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${ALICE}`, "content-type": "application/octet-stream" },
+      body,
+      signal: hangUp.signal
+    })
+    // the job is queued behind the backlog before the caller goes
+    for (let k = 0; k < 100 && (await server.stats()).submitted < before.submitted + backlog.length + 1; k++) await new Promise((r) => setTimeout(r, 5))
+    hangUp.abort()
+    await expect(run).rejects.toThrow()
+    for (const j of backlog) await j.result()
+    for (let k = 0; k < 100 && (await server.stats()).queued > 0; k++) await new Promise((r) => setTimeout(r, 5))
+    const after = await server.stats()
+    expect(after.submitted - before.submitted).toBe(backlog.length + 1)
+    expect(after.completed - before.completed).toBe(backlog.length)
+    expect(after.failed - before.failed).toBe(1)
+    expect(after.runs - before.runs).toBe(backlog.length)
+  })
 })
+
 
 // ---------------------------------------------------------------------------
 // (4) local functions

@@ -818,6 +818,7 @@ export const layerQueue = (options: QueueOptions) =>
                   return [out, ended ? Option.none() : Option.some({ after, first: false })] as const
                 }).pipe(Effect.orDie)).pipe(Stream.ensuring(unsubscribe))
             })),
+        ended: (owner, id) => Effect.flatMap(service.events(owner, id), Server.logsUntilEnd),
         result: (owner, id) => store.result(owner, id).pipe(Effect.catchTag("SqlError", Effect.die)),
         cancel: (owner, id) =>
           Effect.gen(function*() {

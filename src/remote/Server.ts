@@ -322,6 +322,8 @@ export interface JobQueueService {
   readonly submit: (spec: JobSpec) => Effect.Effect<Protocol.JobStatus, Protocol.TooManyJobs>
   readonly status: (owner: string, id: string) => Effect.Effect<Protocol.JobStatus, Protocol.JobNotFound>
   readonly events: (owner: string, id: string) => Effect.Effect<Stream.Stream<Protocol.JobEvent>, Protocol.JobNotFound>
+  /** Waits until the job ends; gives its log lines. */
+  readonly ended: (owner: string, id: string) => Effect.Effect<ReadonlyArray<string>, Protocol.JobNotFound>
   readonly result: (
     owner: string,
     id: string
@@ -331,6 +333,24 @@ export interface JobQueueService {
   /** Counts a request refused at admission. */
   readonly rejected: Effect.Effect<void>
 }
+
+/**
+ * `JobQueueService.ended` for a queue that has only its events: the log
+ * lines of the stream up to its terminal event.
+ *
+ * @example
+ * ended: (owner, id) => Effect.flatMap(events(owner, id), Server.logsUntilEnd)
+ *
+ * @since 0.1.0
+ */
+export const logsUntilEnd = (events: Stream.Stream<Protocol.JobEvent>): Effect.Effect<ReadonlyArray<string>> =>
+  Effect.suspend(() => {
+    const logs: Array<string> = []
+    return Stream.runForEach(Stream.takeUntil(events, Protocol.isTerminal), (e) =>
+      Effect.sync(() => {
+        if (e._tag === "Log") logs.push(e.message)
+      })).pipe(Effect.as(logs))
+  })
 
 /**
  * Options of co-batching.
@@ -961,6 +981,20 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
                   yield* Effect.addFinalizer(() => Effect.sync(() => job.listeners.delete(listener)))
                 })
               )),
+          // what `events` says, without a stream: the run endpoint waits on every job this way
+          ended: (owner, id) =>
+            Effect.flatMap(find(owner, id), (job) =>
+              Effect.callback<ReadonlyArray<string>>((resume) => {
+                const logs = () => job.events.flatMap((e) => (e._tag === "Log" ? [e.message] : []))
+                if (job.events.some(Protocol.isTerminal)) return resume(Effect.succeed(logs()))
+                const listener = (e: Protocol.JobEvent) => {
+                  if (!Protocol.isTerminal(e)) return
+                  job.listeners.delete(listener)
+                  resume(Effect.succeed(logs()))
+                }
+                job.listeners.add(listener)
+                return Effect.sync(() => job.listeners.delete(listener))
+              })),
           result: (owner, id) =>
             Effect.flatMap(find(owner, id), (j): Effect.Effect<Protocol.JobResult, Protocol.NotReady | Protocol.JobFailed> => {
               if (j.state === "completed" && j.result !== undefined) return Effect.succeed(j.result)
@@ -1346,20 +1380,16 @@ export const apiLayer = (options: HttpOptions = {}) => {
         .handle("run", ({ payload }) =>
           Effect.gen(function*() {
             const { key, status: { id } } = yield* submit(payload)
-            // a caller that hangs up no longer wants the job
-            yield* Effect.addFinalizer((exit) => Exit.hasInterrupts(exit) ? Effect.ignore(queue.cancel(key.id, id)) : Effect.void)
-            // the job's own events say when it ends; its log lines travel in the result
-            const logs: Array<string> = []
-            const events = yield* queue.events(key.id, id).pipe(Effect.orDie)
-            yield* Stream.runForEach(Stream.takeUntil(events, Protocol.isTerminal), (e) =>
-              Effect.sync(() => {
-                if (e._tag === "Log") logs.push(e.message)
-              }))
+            // its log lines travel in the result; a caller that hangs up no longer wants the job
+            const logs = yield* queue.ended(key.id, id).pipe(
+              Effect.orDie,
+              Effect.onInterrupt(() => Effect.ignore(queue.cancel(key.id, id)))
+            )
             const result = yield* queue.result(key.id, id).pipe(
               Effect.catchTag(["JobNotFound", "NotReady"], (e) => Effect.die(e))
             )
             return logs.length === 0 ? result : { ...result, logs }
-          }).pipe(Effect.scoped))
+          }))
         .handle("status", ({ params }) => Effect.gen(function*() { return yield* queue.status((yield* Protocol.CurrentKey).id, params.id) }))
         .handle("events", ({ params }) => Effect.gen(function*() { return yield* queue.events((yield* Protocol.CurrentKey).id, params.id) }))
         .handle("result", ({ params }) => Effect.gen(function*() { return yield* queue.result((yield* Protocol.CurrentKey).id, params.id) }))
