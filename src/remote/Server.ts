@@ -622,11 +622,15 @@ const remapNode = (n: Graph.Node, off: number, inv: number): Graph.Node => {
 /**
  * Merges trace jobs into one: each job's node ids are shifted past the
  * previous jobs', its invokes renumbered after theirs, its rows moved after
- * theirs; feeds are concatenated along the batch dimension.
+ * theirs. `feeds` are the batches to concatenate along the batch dimension,
+ * in order (default: each job's own; a stack of jobs brings several).
  *
  * @since 0.1.0
  */
-export const merge = (specs: ReadonlyArray<JobSpec>) => {
+export const merge = (
+  specs: ReadonlyArray<Pick<JobSpec, "graph" | "rows">>,
+  feeds: ReadonlyArray<Readonly<Record<string, Tensor>>> = (specs as ReadonlyArray<JobSpec>).map((s) => s.feeds)
+) => {
   const nodes: Array<Graph.Node> = []
   const results: Array<Graph.Result> = []
   const rows: Array<Local.Rows> = []
@@ -644,10 +648,10 @@ export const merge = (specs: ReadonlyArray<JobSpec>) => {
     invokes += s.graph.invokes
     rowOffset += batchOf(s.rows)
   }
-  const feeds: Record<string, Tensor> = {}
-  for (const name of Object.keys(specs[0].feeds)) feeds[name] = concat0(specs.map((s) => s.feeds[name]))
+  const batch: Record<string, Tensor> = {}
+  for (const name of Object.keys(feeds[0])) batch[name] = concat0(feeds.map((f) => f[name]))
   const graph: Graph.Graph = { nodes, invokes, result: { _tag: "List", items: results } }
-  return { graph, feeds, rows, ranges }
+  return { graph, feeds: batch, rows, ranges }
 }
 
 const concat0 = (parts: ReadonlyArray<Tensor>): Tensor => {
@@ -658,6 +662,8 @@ const concat0 = (parts: ReadonlyArray<Tensor>): Tensor => {
     return new Tensor("string", [total, ...first.shape.slice(1)], parts.flatMap((p) => [...(p.data as ReadonlyArray<string>)]))
   }
   const rowBytes = parts.reduce((a, p) => a + (p.data as ArrayBufferView).byteLength, 0)
+  // an empty past (a first step's KV cache) is the same empty tensor, whatever its batch
+  if (rowBytes === 0) return new Tensor(first.dtype, [total, ...first.shape.slice(1)], first.data as never)
   const out = new Uint8Array(rowBytes)
   let at = 0
   for (const p of parts) {
@@ -675,8 +681,9 @@ const concat0 = (parts: ReadonlyArray<Tensor>): Tensor => {
  * on its own.
  */
 interface Stack {
-  readonly spec: JobSpec
-  /** The jobs (indices into the group) it runs. */
+  readonly graph: Graph.Graph
+  readonly rows: ReadonlyArray<Local.Rows>
+  /** The jobs (indices into the group) it runs, in the order of its rows. */
   readonly jobs: ReadonlyArray<number>
   /** Set when it stacks several jobs: the values that hold rows, and each job's rows. */
   readonly stacked?: { readonly rows: ReadonlySet<number>; readonly members: ReadonlyArray<Stacking.Member> }
@@ -714,13 +721,11 @@ const stacks = (hosted: Hosted, specs: ReadonlyArray<JobSpec>): ReadonlyArray<St
     if (st !== undefined) byKey.set(st.key, { jobs: entry.jobs, rows: st.rows })
   })
   return order.map(({ jobs, rows }): Stack => {
-    if (jobs.length === 1 || rows === undefined) return { spec: specs[jobs[0]], jobs }
-    const parts = jobs.map((k) => specs[k])
-    const feeds: Record<string, Tensor> = {}
-    for (const name of Object.keys(parts[0].feeds)) feeds[name] = concat0(parts.map((s) => s.feeds[name]))
-    const members = Stacking.members(parts.map((s) => batchOf(s.rows)))
+    const [head] = jobs
+    if (jobs.length === 1 || rows === undefined) return { graph: specs[head].graph, rows: specs[head].rows, jobs }
+    const members = Stacking.members(jobs.map((k) => batchOf(specs[k].rows)))
     const total = members.reduce((a, m) => a + m.count, 0)
-    return { spec: { ...parts[0], feeds, rows: [{ start: 0, count: total }] }, jobs, stacked: { rows, members } }
+    return { graph: specs[head].graph, rows: [{ start: 0, count: total }], jobs, stacked: { rows, members } }
   })
 }
 
@@ -743,7 +748,8 @@ export const runGroup = (
     if (specs.length === 1) return yield* alone
     const merged = yield* Effect.sync(() => {
       const parts = stacks(hosted, specs)
-      return { parts, ...merge(parts.map((p) => p.spec)) }
+      // a stack's rows are its jobs' rows, one after another
+      return { parts, ...merge(parts, parts.flatMap((p) => p.jobs.map((k) => specs[k].feeds))) }
     }).pipe(Effect.exit)
     if (Exit.isFailure(merged)) return yield* alone
     const { parts, graph, feeds, rows, ranges } = merged.value
@@ -1153,14 +1159,23 @@ const graphHash = (graph: Graph.Graph): string => {
 const feedsKey = (feeds: Readonly<Record<string, Tensor>>, from: 0 | 1): string => {
   // admission, the queue and stacking each ask, of every job's feeds
   let keys = feedsKeys.get(feeds)
-  if (keys === undefined) feedsKeys.set(feeds, (keys = [undefined, undefined]))
-  return (keys[from] ??= Object.entries(feeds)
-    .map(([n, t]) => `${n}:${t.dtype}:${t.shape.slice(from).join("x")}`)
-    .sort()
-    .join(";"))
+  if (keys === undefined) {
+    let whole = ""
+    let rows = ""
+    for (const name of Object.keys(feeds).sort()) {
+      const { dtype, shape } = feeds[name]
+      // by hand: slice and join on a tensor's frozen shape are slow paths in V8
+      let rest = ""
+      for (let i = 1; i < shape.length; i++) rest += i > 1 ? `x${shape[i]}` : `${shape[i]}`
+      whole += `${name}:${dtype}:${shape.length > 0 ? shape[0] : ""}|${rest};`
+      rows += `${name}:${dtype}:${rest};`
+    }
+    feedsKeys.set(feeds, (keys = [whole, rows]))
+  }
+  return keys[from]
 }
 
-const feedsKeys = new WeakMap<object, [string | undefined, string | undefined]>()
+const feedsKeys = new WeakMap<object, readonly [string, string]>()
 
 /** Jobs whose feeds agree on all but the batch size may share a forward pass. */
 const coBatchKeyOf = (feeds: Readonly<Record<string, Tensor>>): string => feedsKey(feeds, 1)
