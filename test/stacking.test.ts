@@ -93,6 +93,36 @@ describe("which graphs stack", () => {
   it.each(mixes)("does not stack: %s", (_, fn) => {
     expect(rowwise(fn)).toBeUndefined()
   })
+  it("matmul: the rows stay first only where the operands' shapes keep them there", () => {
+    const arg = (rows: boolean, ...shape: Array<number>): Stacking.Arg => ({ rows, shape })
+    const mm = (a: Stacking.Arg, b: Stacking.Arg) => Stacking.rules.MatMul([a, b], {})
+    // rows on the matrix rows of the left operand
+    expect(mm(arg(true, 2, 5), arg(false, 5, 3))).toBe(true) // [c, k] @ [k, m] -> [c, m]
+    expect(mm(arg(true, 2, 5), arg(false, 5))).toBe(true) // [c, k] @ [k] -> [c]
+    expect(mm(arg(true, 2, 4, 5), arg(false, 5, 3))).toBe(true) // [c, s, k] @ [k, m]
+    expect(mm(arg(true, 2, 4, 5), arg(false, 1, 5, 3))).toBe(true) // a size-1 stacking axis broadcasts
+    // another operand's stacking axes lead, or stretch the rows' axis
+    expect(mm(arg(true, 2, 5), arg(false, 7, 5, 3))).toBe(false) // [c, k] @ [p, k, m] -> [p, c, m]
+    expect(mm(arg(true, 2, 4, 5), arg(false, 2, 5, 3))).toBe(false) // one job's count written in
+    expect(mm(arg(true, 5), arg(false, 5, 3))).toBe(false) // [c] @ [c, m] contracts the rows
+    // rows on the right operand: only on a stacking axis
+    expect(mm(arg(false, 4, 5), arg(true, 2, 5, 3))).toBe(true) // [s, k] @ [c, k, m] -> [c, s, m]
+    expect(mm(arg(false, 5), arg(true, 2, 5, 3))).toBe(true) // [k] @ [c, k, m] -> [c, m]
+    expect(mm(arg(false, 4, 5), arg(true, 2, 5))).toBe(false) // [s, c] @ [c, m] contracts them
+    expect(mm(arg(false, 1, 7, 4, 5), arg(true, 2, 5, 3))).toBe(false) // [1, q, s, k] @ [c, k, m] -> [1, q|c, s, m]
+    // both: the same rank, a stacking axis
+    expect(mm(arg(true, 2, 4, 5), arg(true, 2, 5, 4))).toBe(true)
+    expect(mm(arg(true, 2, 5), arg(true, 2, 5))).toBe(false) // [c, k] @ [c, m]: contracted
+    expect(mm(arg(true, 2, 3, 4, 5), arg(true, 2, 5, 4))).toBe(false)
+  })
+  it("broadcasting: the rows' operand has the result's rank, the others stretch over rows", () => {
+    const arg = (rows: boolean, ...shape: Array<number>): Stacking.Arg => ({ rows, shape })
+    expect(Stacking.rules.Add([arg(true, 2, 3), arg(false, 3)], {})).toBe(true)
+    expect(Stacking.rules.Add([arg(true, 2, 3), arg(false, 1, 3)], {})).toBe(true)
+    expect(Stacking.rules.Add([arg(true, 2, 3), arg(false, 2, 3)], {})).toBe(false)
+    expect(Stacking.rules.Add([arg(true, 3), arg(false, 2, 3)], {})).toBe(false)
+    expect(Stacking.rules.Where([arg(false, 3), arg(true, 2, 3), arg(true, 2, 3)], {})).toBe(true)
+  })
   it("the values that hold rows are the reads and what is computed from them", () => {
     const { graph } = lm.record(prompt(1), (m) => ({ a: h(m).mul(Tensor.from([2])), w: m.lm_head.weight.mul(3) }))
     const { feeds, rows } = lm.batch([prompt(1)])

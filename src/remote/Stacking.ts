@@ -103,9 +103,11 @@ const keepsFirstAxis = (items: ReadonlyArray<Index.Item>, r: number): boolean =>
 
 const matMul: Rule = ([a, b]) => {
   const [ra, rb] = [rank(a), rank(b)]
-  // rows on the left operand's matrix rows, or on a stacking axis both share
-  if (a.rows && !b.rows) return ra >= 2 && (rb < ra || ra === 2 || b.shape[0] === 1)
-  if (b.rows && !a.rows) return rb >= 3 && (ra < rb || a.shape[0] === 1)
+  // the result's leading axes are the operands' stacking axes, broadcast and aligned at
+  // the right; the rows stay first on the matrix rows of a 2-d left operand, or on a
+  // stacking axis no other operand outranks or stretches
+  if (a.rows && !b.rows) return ra >= 2 && rb <= ra && (rb < ra || ra === 2 || b.shape[0] === 1)
+  if (b.rows && !a.rows) return rb >= 3 && ra <= rb && (ra < rb || a.shape[0] === 1)
   return ra === rb && ra >= 3
 }
 
