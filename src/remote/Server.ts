@@ -24,8 +24,11 @@
  *   reads or writes a tensor whose first dimension is the batch (checked by
  *   symbolic shape inference), with no early stop, ad-hoc module calls,
  *   control flow or logging, qualify; a merged pass that fails reruns each
- *   job alone, so one user's error never touches another's job.
- *   `coBatch: false` keeps every job on its own pass.
+ *   job alone, so one user's error never touches another's job. Jobs that
+ *   send the same one-invoke graph share one invoke when every operation
+ *   of the graph keeps rows apart (`Stacking`): the graph's own operations
+ *   then run once over all their rows. `coBatch: false` keeps every job on
+ *   its own pass.
  *
  * @example
  * import * as Server from "nnsight-ts/remote/Server"
@@ -623,13 +626,13 @@ const remapNode = (n: Graph.Node, off: number, inv: number): Graph.Node => {
  * Merges trace jobs into one: each job's node ids are shifted past the
  * previous jobs', its invokes renumbered after theirs, its rows moved after
  * theirs. `feeds` are the batches to concatenate along the batch dimension,
- * in order (default: each job's own; a stack of jobs brings several).
+ * in row order (one per job; a stack of jobs brings one per member).
  *
  * @since 0.1.0
  */
 export const merge = (
   specs: ReadonlyArray<Pick<JobSpec, "graph" | "rows">>,
-  feeds: ReadonlyArray<Readonly<Record<string, Tensor>>> = (specs as ReadonlyArray<JobSpec>).map((s) => s.feeds)
+  feeds: ReadonlyArray<Readonly<Record<string, Tensor>>>
 ) => {
   const nodes: Array<Graph.Node> = []
   const results: Array<Graph.Result> = []
