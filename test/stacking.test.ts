@@ -153,12 +153,22 @@ const steps: ReadonlyArray<Step> = [
   { name: "mean(0)", apply: (x) => x.mean(0) },
   { name: "mean()", apply: (x) => x.mean() },
   { name: "at(':', -1)", apply: (x) => x.at(":", -1) },
-  { name: "at(0)", apply: (x) => x.at(0) },
+  { name: "at(0)", apply: (x) => x.mul(1).at(0) },
+  { name: "at('::-1')", apply: (x) => x.at("::-1") },
+  { name: "at('...', 0)", apply: (x) => x.at("...", 0) },
   { name: "transpose(0, -1)", apply: (x) => x.transpose(0, -1) },
   { name: "transpose(-2, -1)", apply: (x) => x.transpose(-2, -1) },
   { name: "reshape(-1)", apply: (x) => x.reshape(-1) },
+  { name: "reshape(-1, 2, 32)", apply: (x) => x.at(":", 0).reshape(-1, 2, 32) },
+  { name: "unsqueeze(1)", apply: (x) => x.unsqueeze(1) },
+  { name: "unsqueeze(0)", apply: (x) => x.unsqueeze(0) },
+  { name: "squeeze()", apply: (x) => x.squeeze() },
   { name: "tanh()", apply: (x) => x.tanh() },
+  { name: "argmax(-1)", apply: (x) => x.argmax(-1).to("float32") },
+  { name: "topk(2).values", apply: (x) => x.topk(2, -1).values },
+  { name: "where(x > 0, x, 0)", apply: (x) => x.where(x.gt(0), 0) },
   { name: "matmul(self^T)", apply: (x) => x.matmul(x.transpose(-2, -1)) },
+  { name: "matmul(x^T, x)", apply: (x) => x.transpose(0, -1).matmul(x) },
   { name: "cat(self, -1)", apply: (x) => x.cat([x], -1) },
   { name: "cat(self, 0)", apply: (x) => x.cat([x], 0) }
 ]
@@ -169,7 +179,7 @@ const experimentOf = (tree: LanguageModel["tree"]) =>
       fc.tuple(Arb.modulePath(tree, (m) => m.path.startsWith("model.layers") || m.path === "lm_head"), fc.array(fc.nat(steps.length - 1), { maxLength: 3 })),
       { minLength: 1, maxLength: 2 }
     ),
-    set: fc.option(fc.tuple(fc.constantFrom("model.layers.0", "model.layers.2.mlp"), fc.constantFrom(0, 1, 2)))
+    set: fc.option(fc.tuple(fc.constantFrom("model.layers.0", "model.layers.2.mlp"), fc.constantFrom(0, 1, 2, 3, 4)))
   })
 
 describe("a co-batched group gives each job what it gets alone", () => {
@@ -186,7 +196,9 @@ describe("a co-batched group gives each job what it gets alone", () => {
               const e = Arb.envoyAt(m, path)
               if (how === 0) e.output.set(0)
               else if (how === 1) e.output.update((x) => x.mul(-1))
-              else e.output.update((x) => x.add(x.mean(0, true)))
+              else if (how === 2) e.output.update((x) => x.add(x.mean(0, true)))
+              else if (how === 3) e.output.setAt([":", -1], 0)
+              else e.output.setAt([0], 0)
             }
             return Object.fromEntries(reads.map(([path, ks], i) => [`r${i}`, ks.reduce<Tracer.TensorProxy>((x, k) => steps[k].apply(x), Arb.envoyAt(m, path).output)]))
           }
@@ -224,7 +236,7 @@ describe("a co-batched group gives each job what it gets alone", () => {
           }
         }
       ),
-      { numRuns: 40 }
+      { numRuns: 60 }
     )
   }, 180_000)
 })
