@@ -183,7 +183,7 @@ export const rules = {
   }
 } as const satisfies Record<Ops.OpName, Rule>
 
-const first = (v: Scan.Value | Shapes.Fake | undefined): Shapes.Fake | undefined =>
+const fakeOf = (v: Scan.Value | Shapes.Fake | undefined): Shapes.Fake | undefined =>
   v === undefined ? undefined : Array.isArray(v) ? (v as ReadonlyArray<Shapes.Fake>)[0] : (v as Shapes.Fake)
 
 /**
@@ -207,7 +207,7 @@ export const rowwise = (
   if (graph.invokes !== 1) return undefined
   const rows = new Set<number>()
   const arg = (id: number): Arg | undefined => {
-    const f = first(values.get(id))
+    const f = fakeOf(values.get(id))
     return f === undefined ? undefined : { rows: rows.has(id), shape: f.shape }
   }
   for (const n of graph.nodes) {
