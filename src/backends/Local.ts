@@ -357,6 +357,15 @@ export const start = (
       }
     }
 
+    // a generation's `all()` makes hooks for every step: each pass looks up only its own
+    const sitesByStep = new Map<number, Array<HookSite & { readonly step: number }>>()
+    for (const site of hookSites.values()) {
+      const list = sitesByStep.get(site.step)
+      if (list === undefined) sitesByStep.set(site.step, [site])
+      else list.push(site)
+    }
+    const setSites = nodes.flatMap((node) => (node._tag === "Set" ? [{ node, site: hookSites.get(hookKey(node.ref))! }] : []))
+
     // -- backward passes ------------------------------------------------------
     // each gradient read/set belongs to the first backward() recorded after it
     const backwards = nodes.filter((nd) => nd._tag === "Backward").map((nd) => nd.id).sort((a, b) => a - b)
@@ -1040,13 +1049,11 @@ export const start = (
         yield* runReady
         // cuts and events of this pass
         const cuts = new Set(loaded.canonicalCuts)
-        const here = [...hookSites.values()].filter((h) => h.step === stepIndex)
+        const here = [...(sitesByStep.get(stepIndex) ?? [])]
         const sets: Array<{ readonly node: Graph.Node & { readonly _tag: "Set" }; readonly site: HookSite }> = []
         const writeCuts = new Set<number>()
-        for (const node of nodes) {
-          if (node._tag !== "Set" || !pending.has(node.id)) continue
-          const site = hookSites.get(hookKey(node.ref))!
-          if (site.step !== stepIndex) continue
+        for (const { node, site } of setSites) {
+          if (!pending.has(node.id) || site.step !== stepIndex) continue
           sets.push({ node, site })
           for (const p of site.point === "input" ? [site.position, site.end] : [site.position]) {
             cuts.add(p)
@@ -1102,10 +1109,8 @@ export const start = (
               if (!whole || nextEvent === events.length || events[nextEvent].position > pos) yield* runReady
             }
             // a set at this point must have been applied before the forward goes on
-            for (const id of pending) {
-              const node = byId.get(id)!
-              if (node._tag !== "Set" || stopped !== undefined) continue
-              const site = hookSites.get(hookKey(node.ref))!
+            for (const { node, site } of setSites) {
+              if (!pending.has(node.id) || stopped !== undefined) continue
               if (site.step === stepIndex && site.position <= pos && snapshots.has(site.key)) {
                 return yield* new Errors.OutOfOrder({
                   site: node.site,
