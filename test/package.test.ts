@@ -15,9 +15,14 @@ const run = promisify(execFile)
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..")
 const npm = process.platform === "win32" ? "npm.cmd" : "npm"
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "nnsight-ts-pack-"))
+// the build this test makes goes when it ends: bin/nnsight-ts.mjs prefers dist/ to src/,
+// so a leftover build would shadow every later edit of a checkout that never built itself
+const dist = path.join(root, "dist")
+const builtBefore = fs.existsSync(dist)
 
 afterAll(() => {
   fs.rmSync(tmp, { recursive: true, force: true })
+  if (!builtBefore) fs.rmSync(dist, { recursive: true, force: true })
 })
 
 const sh = async (cmd: string, args: ReadonlyArray<string>, cwd: string, timeout = 180_000) => {
