@@ -483,14 +483,22 @@ const nextTurn = Effect.callback<void>((resume) => {
   return Effect.sync(() => clearImmediate(t))
 })
 
-// a request text seen again decodes to the same graph (Protocol's cache): what
-// admission and the queue read of a graph is computed once per graph object
-const flattened = new WeakMap<Graph.Graph, ReadonlyArray<Graph.Node>>()
-const allNodes = (graph: Graph.Graph): ReadonlyArray<Graph.Node> => {
-  let nodes = flattened.get(graph)
-  if (nodes === undefined) flattened.set(graph, (nodes = Graph.flatten(graph.nodes)))
-  return nodes
+/**
+ * `f`, computed once per object. A request text seen again decodes to the
+ * same graph (Protocol's cache), and admission, the queue and stacking each
+ * ask about every job's graph and feeds.
+ */
+const perObject = <K extends object, A>(f: (k: K) => A): ((k: K) => A) => {
+  const memo = new WeakMap<K, A>()
+  return (k) => {
+    if (memo.has(k)) return memo.get(k)!
+    const a = f(k)
+    memo.set(k, a)
+    return a
+  }
 }
+
+const allNodes = perObject((graph: Graph.Graph): ReadonlyArray<Graph.Node> => Graph.flatten(graph.nodes))
 
 const formatLog = (args: ReadonlyArray<unknown>): string =>
   args
@@ -713,15 +721,15 @@ const stackRows = (hosted: Hosted, s: JobSpec): { readonly key: string; readonly
 }
 
 const stacks = (hosted: Hosted, specs: ReadonlyArray<JobSpec>): ReadonlyArray<Stack> => {
-  const byKey = new Map<string, { readonly jobs: Array<number>; readonly rows: ReadonlySet<number> }>()
   const order: Array<{ readonly jobs: Array<number>; readonly rows?: ReadonlySet<number> }> = []
+  const byKey = new Map<string, (typeof order)[number]>()
   specs.forEach((s, k) => {
     const st = stackRows(hosted, s)
     const known = st === undefined ? undefined : byKey.get(st.key)
     if (known !== undefined) return known.jobs.push(k)
     const entry = { jobs: [k], rows: st?.rows }
     order.push(entry)
-    if (st !== undefined) byKey.set(st.key, { jobs: entry.jobs, rows: st.rows })
+    if (st !== undefined) byKey.set(st.key, entry)
   })
   return order.map(({ jobs, rows }): Stack => {
     const [head] = jobs
@@ -1044,15 +1052,10 @@ export class JobQueue extends Context.Service<JobQueue, JobQueueService>()("nnsi
 const bad = (reason: string, issues: ReadonlyArray<string> = []) => new Protocol.BadRequest({ reason, issues })
 
 /** Structural checks a decoded graph must pass before anything looks at it. */
-const checkGraph = (graph: Graph.Graph, session: boolean): string | undefined => {
-  const known = checked.get(graph)
-  if (known !== undefined && known.session === session) return known.problem
-  const problem = findProblem(graph, session)
-  checked.set(graph, { session, problem })
-  return problem
-}
+const checkGraph = (graph: Graph.Graph, session: boolean): string | undefined => (session ? checkSession : checkTrace)(graph)
 
-const checked = new WeakMap<Graph.Graph, { readonly session: boolean; readonly problem: string | undefined }>()
+const checkSession = perObject((graph: Graph.Graph) => findProblem(graph, true))
+const checkTrace = perObject((graph: Graph.Graph) => findProblem(graph, false))
 
 const findProblem = (graph: Graph.Graph, session: boolean): string | undefined => {
   if (session ? graph.invokes !== 0 : !Number.isSafeInteger(graph.invokes) || graph.invokes < 1 || graph.invokes > 4096) {
@@ -1151,34 +1154,24 @@ interface Admitted {
 
 const admitted = perModel<Admitted>(1024)
 
-const hashes = new WeakMap<Graph.Graph, string>()
-const graphHash = (graph: Graph.Graph): string => {
-  let h = hashes.get(graph)
-  if (h === undefined) hashes.set(graph, (h = Graph.hash(graph)))
-  return h
-}
+const graphHash = perObject(Graph.hash)
 
 /** The feeds' names, dtypes and shapes from axis `from` (0 or 1) on. */
-const feedsKey = (feeds: Readonly<Record<string, Tensor>>, from: 0 | 1): string => {
-  // admission, the queue and stacking each ask, of every job's feeds
-  let keys = feedsKeys.get(feeds)
-  if (keys === undefined) {
-    let whole = ""
-    let rows = ""
-    for (const name of Object.keys(feeds).sort()) {
-      const { dtype, shape } = feeds[name]
-      // by hand: slice and join on a tensor's frozen shape are slow paths in V8
-      let rest = ""
-      for (let i = 1; i < shape.length; i++) rest += i > 1 ? `x${shape[i]}` : `${shape[i]}`
-      whole += `${name}:${dtype}:${shape.length > 0 ? shape[0] : ""}|${rest};`
-      rows += `${name}:${dtype}:${rest};`
-    }
-    feedsKeys.set(feeds, (keys = [whole, rows]))
-  }
-  return keys[from]
-}
+const feedsKey = (feeds: Readonly<Record<string, Tensor>>, from: 0 | 1): string => feedsKeys(feeds)[from]
 
-const feedsKeys = new WeakMap<object, readonly [string, string]>()
+const feedsKeys = perObject((feeds: Readonly<Record<string, Tensor>>): readonly [string, string] => {
+  let whole = ""
+  let rows = ""
+  for (const name of Object.keys(feeds).sort()) {
+    const { dtype, shape } = feeds[name]
+    // by hand: slice and join on a tensor's frozen shape are slow paths in V8
+    let rest = ""
+    for (let i = 1; i < shape.length; i++) rest += i > 1 ? `x${shape[i]}` : `${shape[i]}`
+    whole += `${name}:${dtype}:${shape.length > 0 ? shape[0] : ""}|${rest};`
+    rows += `${name}:${dtype}:${rest};`
+  }
+  return [whole, rows]
+})
 
 /** Jobs whose feeds agree on all but the batch size may share a forward pass. */
 const coBatchKeyOf = (feeds: Readonly<Record<string, Tensor>>): string => feedsKey(feeds, 1)
