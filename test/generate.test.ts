@@ -220,6 +220,26 @@ describe("per-step interventions equal PyTorch hooks (stories260K, greedy, KV ca
     out.forEach((x, s) => expectClose(x, ref.layer4_per_step[s]))
   })
 
+  test("(e) saved KV-cache outputs and logits keep their values: each step's cache starts with the last step's", async () => {
+    // generation frees a step's cache and logits once used, unless the graph holds them; these it holds
+    const out = await model.generate([...prompt], { maxNewTokens: steps }, (m, t) =>
+      t.all(() => ({ key: m.outputs[1], value: m.outputs[2], logits: m.output }))
+    )
+    expect(out.length).toBe(steps)
+    for (let s = 0; s < steps; s++) {
+      const { key, value, logits } = out[s]
+      expect(key.shape).toEqual([1, key.shape[1], prompt.length + s, key.shape[3]])
+      expect(value.shape).toEqual(key.shape)
+      expect(logits.shape).toEqual([1, s === 0 ? prompt.length : 1, 512])
+      expect(logits.toNumbers().some((x) => x !== 0)).toBe(true)
+      if (s === 0) continue
+      // present = concat(past, new) along the sequence: the earlier positions are bit-identical
+      const past = prompt.length + s - 1
+      expect(key.at(":", ":", `:${past}`).toNumbers()).toEqual(out[s - 1].key.toNumbers())
+      expect(value.at(":", ":", `:${past}`).toNumbers()).toEqual(out[s - 1].value.toNumbers())
+    }
+  })
+
   test("(e) envoy.next() reads the next steps' outputs", async () => {
     const out = await model.generate([...prompt], { maxNewTokens: steps }, (m) => {
       const l4 = m.model.layers[4]

@@ -286,6 +286,12 @@ export interface Run {
     feeds: Readonly<Record<string, Tensor>>,
     step: number
   ) => Effect.Effect<ReadonlyMap<string, Tensor>, Errors.TraceError>
+  /**
+   * Whether the graph can still see this tensor after its pass: a hook or set
+   * on it (any step), a module call's pinned input, or a backward pass. A
+   * tensor no one holds may be freed by the caller once it has used it.
+   */
+  readonly held: (tensor: string) => boolean
   /** Whether a `Stop` node ended the run. */
   readonly stopped: () => boolean
   /** Gives the generated token ids (for `Generated` nodes), once generation ended. */
@@ -1199,5 +1205,8 @@ export const start = (
       return { values: out, unavailable } as Outcome
     })
 
-    return { forward, stopped: () => stopped !== undefined, complete, finish }
+    const heldTensors = new Set([...[...hookSites.values()].map((site) => site.tensor), ...applyPins])
+    const held = (tensor: string) => backwards.length > 0 || heldTensors.has(tensor)
+
+    return { forward, held, stopped: () => stopped !== undefined, complete, finish }
   })

@@ -106,8 +106,13 @@ export interface Outcome {
  *
  * @since 0.1.0
  */
-export const hookKey = (ref: Pick<Graph.HookRef, "module" | "call" | "point" | "index">): string =>
-  `${ref.module}|${ref.call}|${ref.point}|${ref.index}`
+export const hookKey = (ref: Pick<Graph.HookRef, "module" | "call" | "point" | "index">): string => {
+  // interpreters ask for the key of the same (immutable) ref at every step
+  let key = hookKeys.get(ref)
+  if (key === undefined) hookKeys.set(ref, (key = `${ref.module}|${ref.call}|${ref.point}|${ref.index}`))
+  return key
+}
+const hookKeys = new WeakMap<object, string>()
 
 // ---------------------------------------------------------------------------
 // The forward pass
